@@ -1,0 +1,413 @@
+//! Node-to-node messages. Only these types cross nodes; `codec` is their one encoding.
+//!
+//! Messages are grouped by the actor that handles them on the receiving node:
+//! the room host (requests for rooms the receiver owns), the hub (replies and events for the
+//! receiver's sessions), the directory (where users are connected), the log keeper (the
+//! receiver's copy of room logs: promises, appends, fetches), and the membership service
+//! (heartbeats, over UDP).
+
+use serde::{Deserialize, Serialize};
+
+use crate::client::{ErrorCode, PresenceEvent};
+use crate::ids::{NodeName, RoomId, UserName};
+
+/// A connection id, unique on its node.
+pub type SessionId = u64;
+
+/// A room's ownership epoch. A node promises each epoch to at most one claimer, and accepts log
+/// writes only for the epoch it promised last, which fences owners that lost the room.
+pub type Epoch = u64;
+
+/// Where a request came from, so that its reply can find the way back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// The node holding the requesting connection.
+    pub node: NodeName,
+    /// The request's id, unique on that node.
+    pub req: u64,
+}
+
+/// One stored chat message: an entry of a room's replicated log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Position in the room, from 1, contiguous.
+    pub seq: u64,
+    /// The ownership epoch under which the entry was first written.
+    pub epoch: Epoch,
+    /// The sender.
+    pub from: UserName,
+    /// The text.
+    pub text: String,
+    /// Milliseconds since the Unix epoch when the owner sequenced it.
+    pub ts: u64,
+    /// The sender's client message id, for deduplicating retried sends.
+    pub client_id: Option<String>,
+}
+
+/// Which nodes hold a room's log for one epoch: the owner first, then the replicas.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// The epoch this placement belongs to.
+    pub epoch: Epoch,
+    /// The owner, then the replicas, in ring order.
+    pub nodes: Vec<NodeName>,
+}
+
+/// A stretch of a log written under one epoch: entries from `first_seq` up to the next run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    /// The epoch of every entry in the run.
+    pub epoch: Epoch,
+    /// The first sequence number of the run.
+    pub first_seq: u64,
+}
+
+/// What a node holds of a room's log: its answer to a promise request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogState {
+    /// The highest epoch promised.
+    pub promised: Epoch,
+    /// The last sequence number stored.
+    pub last_seq: u64,
+    /// The epochs of the stored entries, as runs, ascending.
+    pub runs: Vec<Run>,
+    /// The placement of the latest epoch this node accepted, if any.
+    pub placement: Option<Placement>,
+}
+
+/// A request to the owner of a room, from a connection on `origin.node`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RoomOp {
+    /// Adds a connection to the room and replays `(since, latest]`.
+    Join {
+        /// The connection.
+        session: SessionId,
+        /// Its user.
+        user: UserName,
+        /// Replay messages after this sequence number.
+        since: Option<u64>,
+    },
+    /// Removes a connection from the room.
+    Leave {
+        /// The connection.
+        session: SessionId,
+        /// Its user.
+        user: UserName,
+    },
+    /// Sequences, stores and fans out a message.
+    Publish {
+        /// The sender.
+        user: UserName,
+        /// The text.
+        text: String,
+        /// The sender's message id, for deduplication.
+        client_id: Option<String>,
+    },
+    /// Reads stored messages with `seq < before`, the newest `limit`.
+    GetHistory {
+        /// Upper bound, exclusive.
+        before: Option<u64>,
+        /// At most this many.
+        limit: u32,
+    },
+    /// Lists the users in the room.
+    GetMembers,
+}
+
+impl RoomOp {
+    /// The operation's name, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RoomOp::Join { .. } => "join",
+            RoomOp::Leave { .. } => "leave",
+            RoomOp::Publish { .. } => "send",
+            RoomOp::GetHistory { .. } => "history",
+            RoomOp::GetMembers => "who",
+        }
+    }
+}
+
+/// The reply to a request, addressed to the origin node's hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// The connection joined; `replay` holds the messages after `since`, oldest first.
+    Joined {
+        /// The room.
+        room: RoomId,
+        /// The room's latest sequence number at the join.
+        seq: u64,
+        /// The replayed messages.
+        replay: Vec<Entry>,
+    },
+    /// The connection left.
+    Left {
+        /// The room.
+        room: RoomId,
+    },
+    /// The message is stored (replicated) with this sequence number.
+    Acked {
+        /// The room.
+        room: RoomId,
+        /// Its sequence number.
+        seq: u64,
+    },
+    /// Stored messages, oldest first.
+    History {
+        /// The room.
+        room: RoomId,
+        /// The messages.
+        messages: Vec<Entry>,
+    },
+    /// The users in the room, sorted, each once.
+    Members {
+        /// The room.
+        room: RoomId,
+        /// The users.
+        users: Vec<UserName>,
+    },
+    /// The direct message was handed to every node where the addressee is connected.
+    DirectSent,
+    /// The request failed.
+    Failed {
+        /// The stable code.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+    },
+}
+
+/// A message from one node to another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerMessage {
+    // ---- to the room host of the room's owner ----
+    /// A connection's request for a room.
+    Room {
+        /// The room.
+        room: RoomId,
+        /// Where to send the reply.
+        origin: Origin,
+        /// What is asked.
+        op: RoomOp,
+        /// How many times the request was forwarded (a stale view forwards at most once).
+        hops: u8,
+    },
+    /// The sender's connections in a room, sent when the room's owner changed or the sender
+    /// missed messages: the owner replaces the sender's members with these and re-sends every
+    /// message after `cursor`.
+    Subscribe {
+        /// The room.
+        room: RoomId,
+        /// The sending node.
+        node: NodeName,
+        /// The last sequence number the sender delivered.
+        cursor: u64,
+        /// The sender's connections in the room.
+        sessions: Vec<(SessionId, UserName)>,
+    },
+    /// Rooms the receiver owns under the current placement and should take over now.
+    Activate {
+        /// The rooms.
+        rooms: Vec<RoomId>,
+    },
+
+    // ---- to the hub of a node with connections ----
+    /// The reply to request `req` of the receiver.
+    Reply {
+        /// The request id from `Origin::req`.
+        req: u64,
+        /// The outcome.
+        reply: Reply,
+    },
+    /// Sequenced messages of a room, contiguous and ascending, for the receiver's members.
+    Fanout {
+        /// The room.
+        room: RoomId,
+        /// The messages.
+        entries: Vec<Entry>,
+    },
+    /// A presence change in a room, for the receiver's members.
+    Presence {
+        /// The room.
+        room: RoomId,
+        /// The user.
+        user: UserName,
+        /// Join or leave.
+        event: PresenceEvent,
+    },
+    /// A direct message for every connection of `to` on the receiver.
+    DeliverDirect {
+        /// The addressee.
+        to: UserName,
+        /// The sender.
+        from: UserName,
+        /// The text.
+        text: String,
+        /// Milliseconds since the Unix epoch.
+        ts: u64,
+    },
+
+    // ---- to the directory of a user's home node ----
+    /// The users with connections on `node` changed: `online` connected, `offline` left.
+    Presences {
+        /// The node whose connections changed.
+        node: NodeName,
+        /// Users now connected to `node`.
+        online: Vec<UserName>,
+        /// Users no longer connected to `node`.
+        offline: Vec<UserName>,
+    },
+    /// A direct message to route to every node where `to` is connected.
+    Direct {
+        /// Where to send the reply.
+        origin: Origin,
+        /// The sender.
+        from: UserName,
+        /// The addressee.
+        to: UserName,
+        /// The text.
+        text: String,
+    },
+
+    // ---- to the log keeper of a node holding (or about to hold) a room's log ----
+    /// A claimer asks the receiver to promise `epoch` for `room` and to report its log.
+    Promise {
+        /// The room.
+        room: RoomId,
+        /// The claimed epoch.
+        epoch: Epoch,
+        /// The placement the claimer will use.
+        placement: Placement,
+    },
+    /// The receiver's answer to `Promise`.
+    Promised {
+        /// The room.
+        room: RoomId,
+        /// The epoch that was asked for.
+        epoch: Epoch,
+        /// Whether the promise was given (false: a higher epoch was promised before).
+        granted: bool,
+        /// The answering node.
+        node: NodeName,
+        /// The answering node's log.
+        state: LogState,
+    },
+    /// The owner of `epoch` writes entries: the receiver drops what it holds after `after_seq`
+    /// when `truncate` is set, then appends `entries` (which start at `after_seq + 1`).
+    Append {
+        /// The room.
+        room: RoomId,
+        /// The writer's epoch.
+        epoch: Epoch,
+        /// The placement of that epoch.
+        placement: Placement,
+        /// The entries follow this sequence number.
+        after_seq: u64,
+        /// Drop stored entries after `after_seq` first.
+        truncate: bool,
+        /// The entries.
+        entries: Vec<Entry>,
+    },
+    /// The receiver's answer to `Append`, once the entries are durable.
+    Appended {
+        /// The room.
+        room: RoomId,
+        /// The epoch of the append.
+        epoch: Epoch,
+        /// The answering node.
+        node: NodeName,
+        /// Whether the entries were stored.
+        ok: bool,
+        /// The receiver's promised epoch.
+        promised: Epoch,
+        /// The receiver's last sequence number after the append.
+        last_seq: u64,
+    },
+    /// Asks for the entries `from_seq..=to_seq` of a room (in bounded chunks).
+    Fetch {
+        /// The room.
+        room: RoomId,
+        /// The first wanted sequence number.
+        from_seq: u64,
+        /// The last wanted sequence number.
+        to_seq: u64,
+    },
+    /// The answer to `Fetch`: a prefix of the wanted range (empty when nothing is held).
+    Fetched {
+        /// The room.
+        room: RoomId,
+        /// The answering node.
+        node: NodeName,
+        /// The entries, ascending.
+        entries: Vec<Entry>,
+    },
+
+    // ---- link housekeeping ----
+    /// The receiver of a link processed this many more bytes (flow control towards it).
+    Credit {
+        /// The processed bytes since the last credit.
+        bytes: u64,
+    },
+}
+
+impl PeerMessage {
+    /// The message's name, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PeerMessage::Room { .. } => "room",
+            PeerMessage::Subscribe { .. } => "subscribe",
+            PeerMessage::Activate { .. } => "activate",
+            PeerMessage::Reply { .. } => "reply",
+            PeerMessage::Fanout { .. } => "fanout",
+            PeerMessage::Presence { .. } => "presence",
+            PeerMessage::DeliverDirect { .. } => "deliver_direct",
+            PeerMessage::Presences { .. } => "presences",
+            PeerMessage::Direct { .. } => "direct",
+            PeerMessage::Promise { .. } => "promise",
+            PeerMessage::Promised { .. } => "promised",
+            PeerMessage::Append { .. } => "append",
+            PeerMessage::Appended { .. } => "appended",
+            PeerMessage::Fetch { .. } => "fetch",
+            PeerMessage::Fetched { .. } => "fetched",
+            PeerMessage::Credit { .. } => "credit",
+        }
+    }
+}
+
+/// A heartbeat datagram of the membership service (sent over UDP, sealed with the cookie).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The sender.
+    pub from: MemberInfo,
+    /// What the datagram is.
+    pub kind: HeartbeatKind,
+    /// Members the sender knows of, for discovery (gossip).
+    pub members: Vec<MemberInfo>,
+}
+
+/// The purpose of a heartbeat datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HeartbeatKind {
+    /// Asks for an `Ack` carrying the same nonce.
+    Ping {
+        /// Identifies the ping.
+        nonce: u64,
+    },
+    /// Answers a ping.
+    Ack {
+        /// The ping's nonce.
+        nonce: u64,
+    },
+    /// The sender is shutting down: drop it at once.
+    Leave,
+}
+
+/// How a member can be reached.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MemberInfo {
+    /// The member's name.
+    pub name: NodeName,
+    /// Grows on every restart of the member: tells a restarted member from its previous life.
+    pub incarnation: u64,
+    /// The member's node-to-node address (`host:port`; TCP for sessions, UDP for heartbeats).
+    pub addr: String,
+}
