@@ -537,7 +537,10 @@ mod tests {
                 text: "psst".into()
             }
         );
-        assert_eq!(parse(r#"{"type":"ping","ref":"x","extra":true}"#), Request::Ping);
+        assert_eq!(
+            parse(r#"{"type":"ping","ref":"x","extra":true}"#),
+            Request::Ping
+        );
     }
 
     #[test]
@@ -564,7 +567,10 @@ mod tests {
     fn mistakes_map_to_their_codes() {
         assert_eq!(error("not json"), (None, ErrorCode::BadRequest));
         assert_eq!(error("[1,2]"), (None, ErrorCode::BadRequest));
-        assert_eq!(error(r#"{"type":"send","room":"x"}"#).1, ErrorCode::BadRequest);
+        assert_eq!(
+            error(r#"{"type":"send","room":"x"}"#).1,
+            ErrorCode::BadRequest
+        );
         assert_eq!(
             error(r#"{"type":"send","room":5,"text":"x"}"#).1,
             ErrorCode::BadRequest

@@ -114,14 +114,17 @@ mod tests {
         };
         assert_eq!(
             hex(&encode(&fanout).unwrap()),
-            "01040172013a0303626f6202796ffd00c48c519301000001026331"
+            "01050172013a0303626f6202796ffd00c48c519301000001026331"
         );
     }
 
     #[test]
     fn round_trips() {
         let message = publish();
-        assert_eq!(decode::<PeerMessage>(&encode(&message).unwrap()).unwrap(), message);
+        assert_eq!(
+            decode::<PeerMessage>(&encode(&message).unwrap()).unwrap(),
+            message
+        );
     }
 
     #[test]

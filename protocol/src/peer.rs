@@ -176,6 +176,15 @@ pub enum Reply {
     },
 }
 
+/// What travels between two nodes' routers: a message and its sender.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The sending node.
+    pub from: NodeName,
+    /// The message.
+    pub message: PeerMessage,
+}
+
 /// A message from one node to another.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerMessage {
@@ -208,6 +217,13 @@ pub enum PeerMessage {
     Activate {
         /// The rooms.
         rooms: Vec<RoomId>,
+    },
+    /// The sender now serves `room` (after a claim): nodes with members in it subscribe again.
+    RoomActive {
+        /// The room.
+        room: RoomId,
+        /// Its owner.
+        owner: NodeName,
     },
 
     // ---- to the hub of a node with connections ----
@@ -244,6 +260,12 @@ pub enum PeerMessage {
         text: String,
         /// Milliseconds since the Unix epoch.
         ts: u64,
+    },
+
+    /// The sender's directory (re)started empty: announce the users whose home it is.
+    Reannounce {
+        /// The sending node.
+        node: NodeName,
     },
 
     // ---- to the directory of a user's home node ----
@@ -292,7 +314,8 @@ pub enum PeerMessage {
         state: LogState,
     },
     /// The owner of `epoch` writes entries: the receiver drops what it holds after `after_seq`
-    /// when `truncate` is set, then appends `entries` (which start at `after_seq + 1`).
+    /// (an unacknowledged suffix, or the same entries again), then stores `entries`, which start
+    /// at `after_seq + 1`.
     Append {
         /// The room.
         room: RoomId,
@@ -302,8 +325,6 @@ pub enum PeerMessage {
         placement: Placement,
         /// The entries follow this sequence number.
         after_seq: u64,
-        /// Drop stored entries after `after_seq` first.
-        truncate: bool,
         /// The entries.
         entries: Vec<Entry>,
     },
@@ -326,6 +347,8 @@ pub enum PeerMessage {
     Fetch {
         /// The room.
         room: RoomId,
+        /// Where to send the entries.
+        from: NodeName,
         /// The first wanted sequence number.
         from_seq: u64,
         /// The last wanted sequence number.
@@ -356,10 +379,12 @@ impl PeerMessage {
             PeerMessage::Room { .. } => "room",
             PeerMessage::Subscribe { .. } => "subscribe",
             PeerMessage::Activate { .. } => "activate",
+            PeerMessage::RoomActive { .. } => "room_active",
             PeerMessage::Reply { .. } => "reply",
             PeerMessage::Fanout { .. } => "fanout",
             PeerMessage::Presence { .. } => "presence",
             PeerMessage::DeliverDirect { .. } => "deliver_direct",
+            PeerMessage::Reannounce { .. } => "reannounce",
             PeerMessage::Presences { .. } => "presences",
             PeerMessage::Direct { .. } => "direct",
             PeerMessage::Promise { .. } => "promise",

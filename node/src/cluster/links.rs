@@ -1,0 +1,1 @@
+//! Sessions to peers over ractor_cluster (filled in with cluster mode).

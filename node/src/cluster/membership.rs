@@ -1,0 +1,1 @@
+//! Membership and failure detection over UDP heartbeats (filled in with cluster mode).

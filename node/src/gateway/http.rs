@@ -1,0 +1,466 @@
+//! The HTTP server: the WebSocket endpoint and the plain endpoints on the same port.
+//!
+//! | path | answer |
+//! | --- | --- |
+//! | `GET /` (and `/app.js`, `/style.css`) | the web chat client, embedded in the binary |
+//! | `GET /ws?user=NAME[&token=JWT]` | the WebSocket upgrade (400 bad name, 401 bad token, 503 full) |
+//! | `GET /healthz` | 200 once the node serves clients, 503 before and while shutting down |
+//! | `GET /metrics` | Prometheus text format |
+//! | `GET /cluster` | this node's view of the members |
+//! | `GET /cluster/rooms/{room}` | the room's owner and replicas in this node's view |
+//!
+//! Connections past the limit are refused cleanly: beyond `max-connections` WebSocket sessions
+//! the upgrade gets 503, and beyond that plus a small reserve for health checks and metrics the
+//! TCP connection gets a bare 503 and is closed, before anything is allocated for it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chat_protocol::{RoomId, UserName};
+use futures_util::StreamExt;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use ractor::Actor;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+use crate::cluster::Cluster;
+use crate::gateway::auth::{AuthError, Verifier};
+use crate::gateway::session::{Limits, Session, SessionArgs};
+use crate::gateway::socket::{self, outbox};
+use crate::metrics::Metrics;
+
+/// TCP connections accepted beyond `max-connections` for plain HTTP (health checks, metrics).
+const HTTP_RESERVE: usize = 64;
+/// How long a client may take to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+const INDEX_HTML: &str = include_str!("web/index.html");
+const APP_JS: &str = include_str!("web/app.js");
+const STYLE_CSS: &str = include_str!("web/style.css");
+
+/// What the gateway needs to serve connections.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// WebSocket sessions at most.
+    pub max_connections: usize,
+    /// Largest frame / message accepted (else close 1009).
+    pub max_frame_bytes: usize,
+    /// Frames queued per connection before it is cut off (1013).
+    pub client_queue: usize,
+    /// Per-connection limits.
+    pub limits: Limits,
+    /// Verifies tokens when an auth secret is configured.
+    pub verifier: Option<Verifier>,
+    /// Copies of room logs (for `/cluster/rooms/{room}`).
+    pub replication_factor: usize,
+}
+
+/// Everything a connection task shares.
+pub struct Gateway {
+    config: GatewayConfig,
+    cluster: Cluster,
+    serving: watch::Receiver<bool>,
+    open: AtomicUsize,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Gateway")
+    }
+}
+
+impl Gateway {
+    /// A gateway serving while `serving` is true.
+    pub fn new(
+        config: GatewayConfig,
+        cluster: Cluster,
+        serving: watch::Receiver<bool>,
+    ) -> Arc<Gateway> {
+        Arc::new(Gateway {
+            config,
+            cluster,
+            serving,
+            open: AtomicUsize::new(0),
+        })
+    }
+
+    fn metrics(&self) -> &Metrics {
+        self.cluster.metrics()
+    }
+}
+
+/// Accepts connections until `stop` turns true.
+pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    break;
+                }
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let open = gateway.open.fetch_add(1, Ordering::Relaxed);
+                    if open >= gateway.config.max_connections + HTTP_RESERVE {
+                        gateway.open.fetch_sub(1, Ordering::Relaxed);
+                        Metrics::count(&gateway.metrics().connections_refused, "limit");
+                        tokio::spawn(refuse(stream));
+                        continue;
+                    }
+                    let gateway = gateway.clone();
+                    tokio::spawn(async move {
+                        serve_connection(stream, &gateway).await;
+                        gateway.open.fetch_sub(1, Ordering::Relaxed);
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors or similar: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn refuse(mut stream: TcpStream) {
+    let _ = stream
+        .write_all(
+            b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+        )
+        .await;
+    let _ = stream.shutdown().await;
+}
+
+async fn serve_connection(stream: TcpStream, gateway: &Arc<Gateway>) {
+    let _ = stream.set_nodelay(true);
+    let service = {
+        let gateway = gateway.clone();
+        service_fn(move |request| {
+            let gateway = gateway.clone();
+            async move { Ok::<_, std::convert::Infallible>(route(request, &gateway)) }
+        })
+    };
+    let result = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades()
+        .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "http connection ended with an error");
+    }
+}
+
+fn route(request: Request<Incoming>, gateway: &Arc<Gateway>) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n");
+    }
+    let path = request.uri().path().to_owned();
+    match path.as_str() {
+        "/" | "/index.html" => asset(INDEX_HTML, "text/html; charset=utf-8"),
+        "/app.js" => asset(APP_JS, "text/javascript; charset=utf-8"),
+        "/style.css" => asset(STYLE_CSS, "text/css; charset=utf-8"),
+        "/ws" => upgrade(request, gateway),
+        "/healthz" => health(gateway),
+        "/metrics" => {
+            let mut response = Response::new(Full::new(Bytes::from(gateway.metrics().render())));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        "/cluster" => {
+            let view = gateway.cluster.view();
+            json(
+                StatusCode::OK,
+                &serde_json::json!({ "node": view.me, "members": view.members, "quorum": view.quorum }),
+            )
+        }
+        _ => match path.strip_prefix("/cluster/rooms/") {
+            Some(room) => room_placement(room, gateway),
+            None => text(StatusCode::NOT_FOUND, "not found\n"),
+        },
+    }
+}
+
+fn health(gateway: &Gateway) -> Response<Full<Bytes>> {
+    let view = gateway.cluster.view();
+    let serving = *gateway.serving.borrow() && view.quorum;
+    let status = if serving { "ok" } else { "unavailable" };
+    let code = if serving {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(
+        code,
+        &serde_json::json!({ "status": status, "node": view.me, "members": view.up_count() }),
+    )
+}
+
+fn room_placement(room: &str, gateway: &Gateway) -> Response<Full<Bytes>> {
+    let room = percent_decode(room);
+    let Ok(room) = RoomId::new(&room) else {
+        return json(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({ "error": "invalid_room" }),
+        );
+    };
+    let view = gateway.cluster.view();
+    let placement = view.placement(&room, gateway.config.replication_factor);
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "room": room,
+            "owner": placement.first(),
+            "replicas": placement.get(1..).unwrap_or_default(),
+        }),
+    )
+}
+
+/// Checks the upgrade request, authenticates it, answers 101 and starts the session.
+fn upgrade(mut request: Request<Incoming>, gateway: &Arc<Gateway>) -> Response<Full<Bytes>> {
+    let headers = request.headers();
+    let is_upgrade = header_has(headers, header::UPGRADE, "websocket")
+        && header_has(headers, header::CONNECTION, "upgrade");
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
+    let version_ok = headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v.as_bytes() == b"13");
+    let (Some(key), true, true) = (key, is_upgrade, version_ok) else {
+        Metrics::count(&gateway.metrics().connections_refused, "bad_request");
+        return text(
+            StatusCode::BAD_REQUEST,
+            "expected a WebSocket upgrade (version 13)\n",
+        );
+    };
+    let query = parse_query(request.uri().query().unwrap_or(""));
+    let named = match query.get("user") {
+        Some(name) => match UserName::new(name) {
+            Ok(user) => Some(user),
+            Err(e) => {
+                Metrics::count(&gateway.metrics().connections_refused, "bad_request");
+                return text(StatusCode::BAD_REQUEST, &format!("bad user name: {e}\n"));
+            }
+        },
+        None => None,
+    };
+    let user = match (&gateway.config.verifier, named) {
+        (Some(verifier), _) => {
+            let checked = query
+                .get("token")
+                .ok_or(AuthError::Missing)
+                .and_then(|token| verifier.verify(token, now_secs()));
+            match checked {
+                Ok(user) => user,
+                Err(e) => {
+                    Metrics::count(&gateway.metrics().connections_refused, "auth");
+                    let mut response = text(StatusCode::UNAUTHORIZED, &format!("{e}\n"));
+                    response
+                        .headers_mut()
+                        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                    return response;
+                }
+            }
+        }
+        (None, Some(user)) => user,
+        (None, None) => {
+            Metrics::count(&gateway.metrics().connections_refused, "bad_request");
+            return text(StatusCode::BAD_REQUEST, "missing `user`\n");
+        }
+    };
+    if !*gateway.serving.borrow() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "node is not serving\n");
+    }
+    if gateway.metrics().connections.get() >= gateway.config.max_connections as i64 {
+        Metrics::count(&gateway.metrics().connections_refused, "limit");
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node at its connection limit; try another node\n",
+        );
+    }
+    let accept = derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let gateway = gateway.clone();
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => start_session(upgraded, user, &gateway).await,
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(value) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, value);
+    }
+    response
+}
+
+async fn start_session(upgraded: hyper::upgrade::Upgraded, user: UserName, gateway: &Gateway) {
+    let frame = gateway.config.max_frame_bytes;
+    // Buffers sized for many idle connections: tungstenite's 128 KiB defaults would cost
+    // ~900 MB per 10,000 sockets. The read buffer grows only for the frame being read.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4 << 10)
+        .write_buffer_size(0)
+        .max_write_buffer_size(frame.max(64 << 10) * 4)
+        .max_frame_size(Some(frame))
+        .max_message_size(Some(frame));
+    let socket: socket::Socket =
+        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+    let (Some(hub), Some(supervisor)) = (gateway.cluster.hub(), gateway.cluster.sessions()) else {
+        tracing::warn!("no hub or session supervisor running; dropping the connection");
+        return;
+    };
+    let (outbox, frames, close) = outbox(gateway.config.client_queue);
+    let args = SessionArgs {
+        id: rand::random::<u64>() | 1,
+        user,
+        outbox: outbox.clone(),
+        hub,
+        limits: gateway.config.limits,
+        node: gateway.cluster.me().clone(),
+        metrics: gateway.metrics().clone(),
+    };
+    let session = match Actor::spawn_linked(None, Session, args, supervisor).await {
+        Ok((session, _)) => session,
+        Err(e) => {
+            tracing::error!(error = %e, "session failed to start");
+            return;
+        }
+    };
+    let (sink, stream) = socket.split();
+    tokio::spawn(socket::write_loop(
+        sink,
+        frames,
+        close,
+        session.clone(),
+        gateway.metrics().clone(),
+    ));
+    tokio::spawn(socket::read_loop(stream, session, outbox));
+}
+
+fn header_has(headers: &hyper::HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|value| {
+        value
+            .to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// Parses `a=1&b=2` with percent-decoding; the first value of a repeated key wins.
+fn parse_query(query: &str) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        out.entry(percent_decode(key))
+            .or_insert_with(|| percent_decode(value));
+    }
+    out
+}
+
+fn percent_decode(input: &str) -> String {
+    let bytes = input.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn asset(body: &'static str, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn json(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    // The web client of one node reads /cluster of another to fail over.
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_are_percent_decoded() {
+        let q = parse_query("user=al%69ce&token=a.b.c&x&user=bob&bad=%zz%4");
+        assert_eq!(q["user"], "alice");
+        assert_eq!(q["token"], "a.b.c");
+        assert_eq!(q["x"], "");
+        assert_eq!(q["bad"], "%zz%4");
+    }
+}

@@ -1,0 +1,319 @@
+//! The Session actor: one per WebSocket connection.
+//!
+//! It owns what is per connection: the user, the rooms joined, the rate limit. Frames arrive as
+//! messages from the reader task; the session validates them (JSON shape, room names, text size,
+//! rate, joined rooms) and answers mistakes itself with an error frame. Valid requests go to the
+//! hub, which routes them to the room's owner and delivers the replies. `ping` is answered here.
+//!
+//! Cleanup lives in a guard dropped with the actor's state, which happens on a normal stop and
+//! after a panic alike (ractor skips `post_stop` after a panic): the hub forgets the connection
+//! and the socket is closed, with 1011 when the session failed.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use chat_protocol::client::{ClientRequest, ErrorFrame, Request, ServerFrame, parse_request};
+use chat_protocol::peer::{RoomOp, SessionId};
+use chat_protocol::{ErrorCode, NodeName, RoomId, UserName};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor_cluster::RactorMessage;
+use serde_json::value::RawValue;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::gateway::rate::RateLimit;
+use crate::gateway::socket::{Closing, Outbox};
+use crate::hub::{HubMessage, HubRequest};
+use crate::metrics::Metrics;
+
+/// Per-connection limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longest `text` of `send` / `direct`, in bytes.
+    pub max_text_bytes: usize,
+    /// `send` + `direct` per second; 0 = unlimited.
+    pub rate_limit: u32,
+}
+
+/// The Session actor.
+#[derive(Debug)]
+pub struct Session;
+
+/// What a session starts with.
+#[derive(Debug)]
+pub struct SessionArgs {
+    /// The connection's id, unique on this node (random, so not reused after a restart).
+    pub id: SessionId,
+    /// The authenticated user.
+    pub user: UserName,
+    /// The queue towards the client.
+    pub outbox: Outbox,
+    /// The node's hub.
+    pub hub: ActorRef<HubMessage>,
+    /// Limits.
+    pub limits: Limits,
+    /// This node's name, for the welcome frame.
+    pub node: NodeName,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+/// Messages of a session.
+#[derive(Debug, RactorMessage)]
+pub enum SessionMessage {
+    /// A text frame from the client; the permit is released once it is handled.
+    Frame(Utf8Bytes, OwnedSemaphorePermit),
+    /// A binary frame (not part of the protocol).
+    Binary,
+    /// The socket closed.
+    Closed,
+    /// Joining this room failed: forget it.
+    JoinFailed(RoomId),
+    /// Panics inside the handler: lets tests prove that a failing session is contained.
+    Crash,
+}
+
+/// Cleans up after the connection, however the actor ends.
+struct Guard {
+    id: SessionId,
+    hub: ActorRef<HubMessage>,
+    outbox: Outbox,
+    metrics: Metrics,
+    closing: Closing,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.hub.cast(HubMessage::Unregister { session: self.id });
+        self.outbox.close(self.closing);
+        self.metrics.connections.dec();
+    }
+}
+
+/// A session's state.
+pub struct SessionState {
+    id: SessionId,
+    user: UserName,
+    outbox: Outbox,
+    hub: ActorRef<HubMessage>,
+    limits: Limits,
+    metrics: Metrics,
+    joined: HashSet<RoomId>,
+    rate: RateLimit,
+    guard: Guard,
+}
+
+impl Actor for Session {
+    type Msg = SessionMessage;
+    type State = SessionState;
+    type Arguments = SessionArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<SessionMessage>,
+        args: SessionArgs,
+    ) -> Result<SessionState, ActorProcessingErr> {
+        args.metrics.connections.inc();
+        args.metrics.connections_opened.inc();
+        let session = format!("{:016x}", args.id);
+        args.outbox.push_text(
+            ServerFrame::Welcome {
+                node: args.node.as_str(),
+                user: args.user.as_str(),
+                session: &session,
+            }
+            .to_json(),
+        );
+        let _ = args.hub.cast(HubMessage::Register {
+            session: args.id,
+            user: args.user.clone(),
+            outbox: args.outbox.clone(),
+            actor: myself,
+        });
+        Ok(SessionState {
+            guard: Guard {
+                id: args.id,
+                hub: args.hub.clone(),
+                outbox: args.outbox.clone(),
+                metrics: args.metrics.clone(),
+                closing: Closing::Internal,
+            },
+            id: args.id,
+            user: args.user,
+            outbox: args.outbox,
+            hub: args.hub,
+            limits: args.limits,
+            metrics: args.metrics,
+            joined: HashSet::new(),
+            rate: RateLimit::new(args.limits.rate_limit, Instant::now()),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SessionMessage>,
+        message: SessionMessage,
+        state: &mut SessionState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            SessionMessage::Frame(text, permit) => {
+                state.metrics.messages_in.inc();
+                match parse_request(&text) {
+                    Ok(request) => state.handle(request),
+                    Err(e) => state.error(e.reference.as_deref(), e.code, &e.message),
+                }
+                drop(permit);
+            }
+            SessionMessage::Binary => {
+                state.metrics.messages_in.inc();
+                state.error(
+                    None,
+                    ErrorCode::BadRequest,
+                    "binary frames are not part of the protocol; send JSON text frames",
+                );
+            }
+            SessionMessage::Closed => {
+                state.guard.closing = Closing::Normal;
+                myself.stop(None);
+            }
+            SessionMessage::JoinFailed(room) => {
+                state.joined.remove(&room);
+            }
+            SessionMessage::Crash => panic!("injected failure in session {:x}", state.id),
+        }
+        Ok(())
+    }
+}
+
+impl SessionState {
+    fn handle(&mut self, request: ClientRequest) {
+        let reference = request.reference;
+        match request.body {
+            Request::Ping => {
+                self.outbox.push_text(
+                    ServerFrame::Pong {
+                        reference: reference.as_deref(),
+                    }
+                    .to_json(),
+                );
+            }
+            Request::Join { room, since } => {
+                self.joined.insert(room.clone());
+                let op = RoomOp::Join {
+                    session: self.id,
+                    user: self.user.clone(),
+                    since,
+                };
+                self.to_hub(reference, HubRequest::Room { room, op });
+            }
+            Request::Leave { room } => {
+                self.joined.remove(&room);
+                let op = RoomOp::Leave {
+                    session: self.id,
+                    user: self.user.clone(),
+                };
+                self.to_hub(reference, HubRequest::Room { room, op });
+            }
+            Request::Send {
+                room,
+                text,
+                client_id,
+            } => {
+                if !self.admit(reference.as_deref(), &text) {
+                    return;
+                }
+                if !self.joined.contains(&room) {
+                    self.error(
+                        reference.as_deref(),
+                        ErrorCode::NotJoined,
+                        "join the room before sending to it",
+                    );
+                    return;
+                }
+                let op = RoomOp::Publish {
+                    user: self.user.clone(),
+                    text,
+                    client_id,
+                };
+                self.to_hub(reference, HubRequest::Room { room, op });
+            }
+            Request::History {
+                room,
+                before,
+                limit,
+            } => {
+                let op = RoomOp::GetHistory { before, limit };
+                self.to_hub(reference, HubRequest::Room { room, op });
+            }
+            Request::Who { room } => {
+                self.to_hub(
+                    reference,
+                    HubRequest::Room {
+                        room,
+                        op: RoomOp::GetMembers,
+                    },
+                );
+            }
+            Request::Direct { to, text } => {
+                if !self.admit(reference.as_deref(), &text) {
+                    return;
+                }
+                self.to_hub(
+                    reference,
+                    HubRequest::Direct {
+                        from: self.user.clone(),
+                        to,
+                        text,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Checks the size and the rate limit of a `send` or `direct`.
+    fn admit(&mut self, reference: Option<&RawValue>, text: &str) -> bool {
+        if !self.rate.allow(Instant::now()) {
+            self.error(
+                reference,
+                ErrorCode::RateLimited,
+                "too many messages; slow down",
+            );
+            return false;
+        }
+        if text.len() > self.limits.max_text_bytes {
+            let message = format!(
+                "text is {} bytes; the limit is {}",
+                text.len(),
+                self.limits.max_text_bytes
+            );
+            self.error(reference, ErrorCode::TooLarge, &message);
+            return false;
+        }
+        true
+    }
+
+    fn to_hub(&self, reference: Option<Box<RawValue>>, request: HubRequest) {
+        let message = HubMessage::Request {
+            session: self.id,
+            reference,
+            request,
+            received: Instant::now(),
+        };
+        if self.hub.cast(message).is_err() {
+            // The hub is restarting: this connection is about to be closed anyway.
+            self.outbox.close(Closing::Internal);
+        }
+    }
+
+    fn error(&self, reference: Option<&RawValue>, code: ErrorCode, message: &str) {
+        self.metrics.error(code);
+        self.outbox.push_text(
+            ServerFrame::Error(ErrorFrame {
+                reference,
+                code,
+                message,
+            })
+            .to_json(),
+        );
+    }
+}

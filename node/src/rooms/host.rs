@@ -1,0 +1,411 @@
+//! The RoomHost actor: supervisor of this node's Room actors and router of room traffic.
+//!
+//! A request for a room goes to the room's owner under the sender's view. Here, the host
+//! checks its own view: if this node owns the room it hands the request to the Room actor
+//! (creating it on first use); if another node does, it forwards the request once (the sender's
+//! view was stale); a request that was already forwarded gets `unavailable` rather than
+//! bouncing between nodes whose views disagree.
+//!
+//! On every view change the host also scans the logs this node holds: rooms whose placement no
+//! longer matches the ring are taken over (when this node is the new owner) or pointed out to
+//! their new owner with `Activate`, so that logs are re-replicated after a node is lost and
+//! handed over when a node joins, even for rooms nobody is using.
+//!
+//! Restart policy (the one place it is decided for rooms): a Room actor that fails is restarted
+//! at once if this node still owns the room, at most [`MAX_RESTARTS`] times per
+//! [`RESTART_WINDOW`]; after that it is started again only by the next request. A restarted room
+//! claims again, recovers its log from the store, and announces itself so that nodes with
+//! members subscribe again: no message is lost, only the requests in flight get `unavailable`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chat_protocol::peer::{Origin, PeerMessage, Reply};
+use chat_protocol::{ErrorCode, NodeName, RoomId};
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor_cluster::RactorMessage;
+
+use crate::cluster::Cluster;
+use crate::cluster::view::View;
+use crate::rooms::room::{Room, RoomArgs, RoomConfig, RoomMessage};
+use crate::store::Store;
+
+/// Restarts of one room allowed within [`RESTART_WINDOW`].
+pub const MAX_RESTARTS: u32 = 3;
+/// The window over which room restarts are counted.
+pub const RESTART_WINDOW: Duration = Duration::from_secs(30);
+
+/// The room host actor.
+#[derive(Debug)]
+pub struct RoomHost;
+
+/// What the host needs.
+#[derive(Debug)]
+pub struct HostArgs {
+    /// Messaging and view.
+    pub cluster: Cluster,
+    /// The store, for rooms and the placement scan.
+    pub store: Store,
+    /// Room settings.
+    pub config: RoomConfig,
+}
+
+/// The host's state.
+pub struct HostState {
+    args: HostArgs,
+    view: Arc<View>,
+    rooms: HashMap<RoomId, ActorRef<RoomMessage>>,
+    ids: HashMap<ActorId, RoomId>,
+    restarts: HashMap<RoomId, (u32, Instant)>,
+}
+
+/// Messages of the room host.
+#[derive(Debug, RactorMessage)]
+pub enum HostMessage {
+    /// Room traffic from a node (this one included).
+    Peer(PeerMessage),
+    /// The view changed.
+    ViewChanged(Arc<View>),
+    /// The placement scan found rooms to take over here and rooms to point out elsewhere.
+    Scanned {
+        /// The view the scan was made for.
+        version: u64,
+        /// Rooms this node should take over.
+        here: Vec<RoomId>,
+        /// Rooms other nodes should take over.
+        elsewhere: HashMap<NodeName, Vec<RoomId>>,
+    },
+    /// Makes the room's actor panic (tests of the restart policy).
+    Crash(RoomId),
+}
+
+impl Actor for RoomHost {
+    type Msg = HostMessage;
+    type State = HostState;
+    type Arguments = HostArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<HostMessage>,
+        args: HostArgs,
+    ) -> Result<HostState, ActorProcessingErr> {
+        args.cluster.set_host(myself.clone());
+        let view = args.cluster.view();
+        // Rooms whose placement changed while this node was down are taken over now.
+        let _ = myself.cast(HostMessage::ViewChanged(view.clone()));
+        Ok(HostState {
+            args,
+            view,
+            rooms: HashMap::new(),
+            ids: HashMap::new(),
+            restarts: HashMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<HostMessage>,
+        message: HostMessage,
+        state: &mut HostState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            HostMessage::Peer(message) => state.route(&myself, message).await,
+            HostMessage::ViewChanged(view) => {
+                state.view = view.clone();
+                for room in state.rooms.values() {
+                    let _ = room.cast(RoomMessage::ViewChanged(view.clone()));
+                }
+                state.scan(&myself);
+            }
+            HostMessage::Scanned {
+                version,
+                here,
+                elsewhere,
+            } => {
+                if version != state.view.version {
+                    return Ok(());
+                }
+                if !here.is_empty() || !elsewhere.is_empty() {
+                    tracing::info!(
+                        here = here.len(),
+                        elsewhere = elsewhere.values().map(Vec::len).sum::<usize>(),
+                        "rooms to move after a membership change"
+                    );
+                }
+                for room in here {
+                    state.room(&myself, &room).await;
+                }
+                for (node, rooms) in elsewhere {
+                    for chunk in rooms.chunks(1024) {
+                        let _ = state.args.cluster.send(
+                            &node,
+                            PeerMessage::Activate {
+                                rooms: chunk.to_vec(),
+                            },
+                        );
+                    }
+                }
+            }
+            HostMessage::Crash(room) => {
+                if let Some(actor) = state.rooms.get(&room) {
+                    let _ = actor.cast(RoomMessage::Crash);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<HostMessage>,
+        event: SupervisionEvent,
+        state: &mut HostState,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                state.forget(&cell);
+            }
+            SupervisionEvent::ActorFailed(cell, error) => {
+                let Some(room) = state.forget(&cell) else {
+                    return Ok(());
+                };
+                tracing::error!(room = %room, error = %error, "room failed");
+                if state.may_restart(&room) {
+                    tracing::info!(room = %room, "restarting room");
+                    state.room(&myself, &room).await;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl HostState {
+    fn me(&self) -> &NodeName {
+        self.args.cluster.me()
+    }
+
+    fn owns(&self, room: &RoomId) -> bool {
+        self.view.owner(room) == Some(self.me())
+    }
+
+    async fn route(&mut self, myself: &ActorRef<HostMessage>, message: PeerMessage) {
+        match message {
+            PeerMessage::Room {
+                room,
+                origin,
+                op,
+                hops,
+            } => {
+                if self.owns(&room) {
+                    if let Some(actor) = self.room(myself, &room).await {
+                        let _ = actor.cast(RoomMessage::Request {
+                            origin,
+                            op,
+                            received: Instant::now(),
+                        });
+                        return;
+                    }
+                    self.fail(&origin, "the room could not be started");
+                    return;
+                }
+                match self.view.owner(&room).cloned() {
+                    Some(owner) if hops == 0 => {
+                        let forwarded = PeerMessage::Room {
+                            room,
+                            origin: origin.clone(),
+                            op,
+                            hops: 1,
+                        };
+                        if self.args.cluster.send(&owner, forwarded).is_err() {
+                            self.fail(&origin, "the room's node is unreachable");
+                        }
+                    }
+                    _ => self.fail(&origin, "the room is moving between nodes"),
+                }
+            }
+            PeerMessage::Subscribe {
+                room,
+                node,
+                cursor,
+                sessions,
+            } => {
+                if self.owns(&room)
+                    && let Some(actor) = self.room(myself, &room).await
+                {
+                    let _ = actor.cast(RoomMessage::Subscribe {
+                        node,
+                        cursor,
+                        sessions,
+                    });
+                }
+            }
+            PeerMessage::Activate { rooms } => {
+                for room in rooms {
+                    if self.owns(&room) {
+                        self.room(myself, &room).await;
+                    }
+                }
+            }
+            PeerMessage::Promised {
+                room,
+                epoch,
+                granted,
+                node,
+                state,
+            } => self.tell(
+                &room,
+                RoomMessage::Promised {
+                    epoch,
+                    granted,
+                    node,
+                    state,
+                },
+            ),
+            PeerMessage::Appended {
+                room,
+                epoch,
+                node,
+                ok,
+                promised,
+                last_seq,
+            } => self.tell(
+                &room,
+                RoomMessage::Appended {
+                    epoch,
+                    node,
+                    ok,
+                    promised,
+                    last_seq,
+                },
+            ),
+            PeerMessage::Fetched {
+                room,
+                node,
+                entries,
+            } => self.tell(&room, RoomMessage::Fetched { node, entries }),
+            other => tracing::warn!(kind = other.kind(), "room host got an unexpected message"),
+        }
+    }
+
+    fn tell(&self, room: &RoomId, message: RoomMessage) {
+        if let Some(actor) = self.rooms.get(room) {
+            let _ = actor.cast(message);
+        }
+    }
+
+    /// The room's actor, started if needed.
+    async fn room(
+        &mut self,
+        myself: &ActorRef<HostMessage>,
+        room: &RoomId,
+    ) -> Option<ActorRef<RoomMessage>> {
+        if let Some(actor) = self.rooms.get(room) {
+            return Some(actor.clone());
+        }
+        let args = RoomArgs {
+            id: room.clone(),
+            cluster: self.args.cluster.clone(),
+            store: self.args.store.clone(),
+            config: self.args.config.clone(),
+        };
+        match Actor::spawn_linked(None, Room, args, myself.get_cell()).await {
+            Ok((actor, _)) => {
+                self.ids.insert(actor.get_id(), room.clone());
+                self.rooms.insert(room.clone(), actor.clone());
+                Some(actor)
+            }
+            Err(e) => {
+                tracing::error!(room = %room, error = %e, "room failed to start");
+                None
+            }
+        }
+    }
+
+    fn forget(&mut self, cell: &ActorCell) -> Option<RoomId> {
+        let room = self.ids.remove(&cell.get_id())?;
+        if self
+            .rooms
+            .get(&room)
+            .is_some_and(|a| a.get_id() == cell.get_id())
+        {
+            self.rooms.remove(&room);
+        }
+        Some(room)
+    }
+
+    fn may_restart(&mut self, room: &RoomId) -> bool {
+        if !self.owns(room) {
+            return false;
+        }
+        let now = Instant::now();
+        let (count, since) = self.restarts.entry(room.clone()).or_insert((0, now));
+        if now.duration_since(*since) > RESTART_WINDOW {
+            *count = 0;
+            *since = now;
+        }
+        *count += 1;
+        *count <= MAX_RESTARTS
+    }
+
+    fn fail(&self, origin: &Origin, message: &str) {
+        if origin.req == 0 {
+            return;
+        }
+        let _ = self.args.cluster.send(
+            &origin.node,
+            PeerMessage::Reply {
+                req: origin.req,
+                reply: Reply::Failed {
+                    code: ErrorCode::Unavailable,
+                    message: message.to_owned(),
+                },
+            },
+        );
+    }
+
+    /// Scans the stored logs (off the actor's thread) for rooms whose placement changed.
+    fn scan(&self, myself: &ActorRef<HostMessage>) {
+        if !self.view.quorum {
+            return;
+        }
+        let store = self.args.store.clone();
+        let view = self.view.clone();
+        let me = self.me().clone();
+        let rf = self.args.config.replication_factor;
+        let host = myself.clone();
+        tokio::task::spawn_blocking(move || {
+            let rooms = match store.rooms() {
+                Ok(rooms) => rooms,
+                Err(e) => {
+                    tracing::error!(error = %e, "placement scan failed");
+                    return;
+                }
+            };
+            let mut here = Vec::new();
+            let mut elsewhere: HashMap<NodeName, Vec<RoomId>> = HashMap::new();
+            for (room, state) in rooms {
+                if state.last_seq == 0 {
+                    continue;
+                }
+                let wanted = view.placement(&room, rf);
+                let current = state.placement.as_ref().map(|p| p.nodes.as_slice());
+                if current == Some(wanted.as_slice()) {
+                    continue;
+                }
+                match wanted.first() {
+                    Some(owner) if owner == &me => here.push(room),
+                    Some(owner) => elsewhere.entry(owner.clone()).or_default().push(room),
+                    None => {}
+                }
+            }
+            let _ = host.cast(HostMessage::Scanned {
+                version: view.version,
+                here,
+                elsewhere,
+            });
+        });
+    }
+}
