@@ -17,6 +17,7 @@
 //!                     └─> local actor, no encoding
 //! ```
 
+pub mod detector;
 pub mod links;
 pub mod membership;
 pub mod ring;
@@ -367,5 +368,145 @@ impl Cluster {
             .peer_dropped
             .get_or_create(&KindLabel { kind: reason })
             .inc();
+    }
+}
+
+/// The cluster-mode actors of a node, started by [`start`].
+pub struct ClusterNode {
+    membership: ActorRef<membership::MembershipMessage>,
+    links: ActorRef<links::LinksMessage>,
+    router: ActorRef<RouterMessage>,
+    server: ActorRef<ractor_cluster::NodeServerMessage>,
+    /// The bound node-to-node address (TCP and UDP).
+    pub addr: std::net::SocketAddr,
+    done: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// What cluster mode needs from the settings.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Address to bind the node-to-node port on (TCP sessions, UDP heartbeats).
+    pub listen: String,
+    /// `host:port` peers use to reach this node.
+    pub advertise: String,
+    /// Seed addresses.
+    pub seeds: Vec<String>,
+    /// The shared secret.
+    pub cookie: String,
+    /// The URL browsers use to reach this node.
+    pub public_url: Option<String>,
+    /// Heartbeat timing and bootstrap.
+    pub detector: detector::DetectorConfig,
+}
+
+/// Starts the node server, the router, the links and the membership.
+pub async fn start(
+    cluster: &Cluster,
+    config: ClusterConfig,
+    store: &crate::store::Store,
+    writer: &crate::store::Writer,
+) -> anyhow::Result<ClusterNode> {
+    use anyhow::Context as _;
+    use ractor::Actor;
+
+    let addr = tokio::net::lookup_host(&config.listen)
+        .await
+        .with_context(|| format!("resolving `cluster-listen` {}", config.listen))?
+        .next()
+        .with_context(|| format!("`cluster-listen` {} resolves to nothing", config.listen))?;
+    let socket = tokio::net::UdpSocket::bind(addr)
+        .await
+        .with_context(|| format!("binding the heartbeat port udp/{addr}"))?;
+    let addr = socket.local_addr()?;
+    let host = config
+        .advertise
+        .rsplit_once(':')
+        .map_or(config.advertise.as_str(), |(h, _)| h)
+        .to_owned();
+    let server = ractor_cluster::NodeServer::new(
+        addr.port(),
+        config.cookie.clone(),
+        cluster.me().to_string(),
+        host,
+        None,
+        Some(ractor_cluster::node::NodeConnectionMode::Isolated),
+    )
+    .with_listen_addr(addr.ip())
+    .with_max_inbound_frame_size(ractor_cluster::DEFAULT_MAX_INBOUND_FRAME_SIZE);
+    let (server, server_done) = Actor::spawn(None, server, ())
+        .await
+        .context("starting the node server")?;
+    let (router, router_done) = Actor::spawn(None, router::Router, cluster.clone())
+        .await
+        .context("starting the router")?;
+    let (links, links_done) = Actor::spawn(
+        None,
+        links::Links,
+        links::LinksArgs {
+            cluster: cluster.clone(),
+            server: server.clone(),
+        },
+    )
+    .await
+    .context("starting the links")?;
+    let incarnation = store.next_incarnation()?;
+    let me = chat_protocol::peer::MemberInfo {
+        name: cluster.me().clone(),
+        incarnation,
+        addr: config.advertise.clone(),
+        public_url: config.public_url.clone(),
+    };
+    let (membership, membership_done) = Actor::spawn(
+        None,
+        membership::Membership,
+        membership::MembershipArgs {
+            cluster: cluster.clone(),
+            me,
+            socket: std::sync::Arc::new(socket),
+            key: membership::datagram_key(&config.cookie),
+            seeds: config.seeds,
+            config: config.detector,
+            store: store.clone(),
+            writer: writer.clone(),
+            links: links.clone(),
+        },
+    )
+    .await
+    .context("starting the membership")?;
+    links.cast(links::LinksMessage::SetMembership(membership.clone()))?;
+    Ok(ClusterNode {
+        membership,
+        links,
+        router,
+        server,
+        addr,
+        done: vec![server_done, router_done, links_done, membership_done],
+    })
+}
+
+impl ClusterNode {
+    /// Tells every member this node is leaving (they drop it at once).
+    pub async fn leave(&self) {
+        let _ = ractor::call_t!(self.membership, membership::MembershipMessage::Leave, 1000);
+    }
+
+    /// Stops the cluster-mode actors.
+    pub async fn stop(self) {
+        self.membership.stop(None);
+        self.links.stop(None);
+        self.router.stop(None);
+        self.server.stop(None);
+        for done in self.done {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), done).await;
+        }
+    }
+
+    /// Waits until one of the cluster-mode actors stops by itself.
+    pub async fn stopped(&mut self) {
+        if self.done.is_empty() {
+            return std::future::pending().await;
+        }
+        let (_, _, rest) = futures_util::future::select_all(self.done.drain(..)).await;
+        self.done = rest;
     }
 }

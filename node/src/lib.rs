@@ -38,8 +38,9 @@ use ractor::{Actor, ActorRef};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::cluster::Cluster;
+use crate::cluster::detector::DetectorConfig;
 use crate::cluster::view::View;
+use crate::cluster::{Cluster, ClusterConfig, ClusterNode};
 use crate::gateway::auth::Verifier;
 use crate::gateway::http::{Gateway, GatewayConfig};
 use crate::gateway::session::Limits;
@@ -60,6 +61,7 @@ pub struct NodeHandle {
     stop: watch::Sender<bool>,
     root: ActorRef<RootMessage>,
     root_done: Option<tokio::task::JoinHandle<()>>,
+    cluster_node: Option<ClusterNode>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
     grace: Duration,
 }
@@ -88,13 +90,17 @@ pub async fn start_node(settings: Settings) -> anyhow::Result<NodeHandle> {
     let http_addr = listener.local_addr()?;
 
     let me = settings.name.clone();
-    let view = View::single(
+    let mut view = View::single(
         me.clone(),
         settings
             .advertised_cluster_addr()
             .unwrap_or_else(|| http_addr.to_string()),
         settings.public_url.clone(),
     );
+    if settings.cluster_listen.is_some() {
+        // In cluster mode nothing is written before the membership finds a quorum.
+        view = View::new(me.clone(), view.members.clone(), false, 0);
+    }
     let cluster = Cluster::new(me.clone(), metrics.clone(), view);
 
     let room = RoomConfig {
@@ -106,13 +112,37 @@ pub async fn start_node(settings: Settings) -> anyhow::Result<NodeHandle> {
     let root_args = RootArgs {
         cluster: cluster.clone(),
         store: store.clone(),
-        writer,
+        writer: writer.clone(),
         room,
         request_timeout: Duration::from_millis(settings.request_timeout_ms),
     };
     let (root, root_done) = Actor::spawn(None, Root, root_args)
         .await
         .context("starting the node's actors")?;
+
+    let cluster_node = match (&settings.cluster_listen, &settings.cookie) {
+        (Some(listen), Some(cookie)) => {
+            let config = ClusterConfig {
+                listen: listen.clone(),
+                advertise: settings
+                    .advertised_cluster_addr()
+                    .unwrap_or_else(|| listen.clone()),
+                seeds: settings.seeds.clone(),
+                cookie: cookie.clone(),
+                public_url: settings.public_url.clone(),
+                detector: DetectorConfig {
+                    interval: Duration::from_millis(settings.heartbeat_interval_ms),
+                    failure_timeout: Duration::from_millis(settings.failure_timeout_ms),
+                    bootstrap_expect: settings.bootstrap_expect,
+                },
+            };
+            let node = cluster::start(&cluster, config, &store, &writer).await?;
+            tracing::info!(cluster = %node.addr, seeds = ?settings.seeds, "cluster mode");
+            Some(node)
+        }
+        _ => None,
+    };
+    drop(writer);
 
     let (serving, serving_rx) = watch::channel(false);
     let (stop, stop_rx) = watch::channel(false);
@@ -139,6 +169,7 @@ pub async fn start_node(settings: Settings) -> anyhow::Result<NodeHandle> {
         stop,
         root,
         root_done: Some(root_done),
+        cluster_node,
         writer_thread: Some(writer_thread),
         grace: Duration::from_millis(settings.shutdown_grace_ms),
     })
@@ -148,6 +179,11 @@ impl NodeHandle {
     /// The address HTTP and WebSocket are served on.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The bound node-to-node address, in cluster mode.
+    pub fn cluster_addr(&self) -> Option<SocketAddr> {
+        self.cluster_node.as_ref().map(|c| c.addr)
     }
 
     /// The node's cluster handle.
@@ -169,10 +205,21 @@ impl NodeHandle {
 
     /// Waits until the node's actors stop by themselves (repeated failures).
     pub async fn stopped(&mut self) {
-        if let Some(done) = self.root_done.as_mut() {
-            let _ = done.await;
-            self.root_done = None;
+        let Some(done) = self.root_done.as_mut() else {
+            return;
+        };
+        match self.cluster_node.as_mut() {
+            Some(cluster) => {
+                tokio::select! {
+                    _ = done => {}
+                    () = cluster.stopped() => {}
+                }
+            }
+            None => {
+                let _ = done.await;
+            }
         }
+        self.root_done = None;
     }
 
     /// Stops gracefully: refuses new connections, closes clients with 1001 (after what was
@@ -181,6 +228,11 @@ impl NodeHandle {
         tracing::info!("shutting down");
         self.serving.send_replace(false);
         self.stop.send_replace(true);
+        if let Some(cluster) = &self.cluster_node {
+            // Peers drop this node at once and take its rooms over, instead of waiting for
+            // the failure timeout.
+            cluster.leave().await;
+        }
         if let Some(hub) = self.cluster.hub() {
             let _ = hub.cast(HubMessage::CloseAll(Closing::Shutdown));
         }
@@ -194,6 +246,9 @@ impl NodeHandle {
             .await;
         if let Some(done) = self.root_done.take() {
             let _ = tokio::time::timeout(self.grace, done).await;
+        }
+        if let Some(cluster) = self.cluster_node.take() {
+            cluster.stop().await;
         }
         if let Some(thread) = self.writer_thread.take() {
             // The writer commits what is queued, then ends once its last handle is dropped.

@@ -20,9 +20,9 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Instant;
 
+use chat_protocol::RoomId;
 use chat_protocol::codec;
 use chat_protocol::peer::{Entry, LogState};
-use chat_protocol::{NodeName, RoomId};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::metrics::Metrics;
@@ -67,8 +67,13 @@ pub enum Write {
         /// Entries to insert.
         entries: Vec<Entry>,
     },
-    /// Records this node's known cluster members.
-    Members(Vec<NodeName>),
+    /// Records a fact about this node (e.g. `members`), as encoded bytes.
+    Node {
+        /// The fact's name.
+        key: &'static str,
+        /// Its encoded value.
+        value: Vec<u8>,
+    },
 }
 
 /// The completion of a write: called on the writer thread once the write is durable (or failed).
@@ -190,13 +195,16 @@ impl Store {
         Ok(out)
     }
 
-    /// The known cluster members recorded by the last `Write::Members`.
-    pub fn members(&self) -> Result<Vec<NodeName>, StoreError> {
+    /// A fact about this node recorded by `Write::Node`, decoded.
+    pub fn node_value<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(NODE).map_err(db_err)?;
-        match table.get("members").map_err(db_err)? {
-            Some(value) => decode(value.value()),
-            None => Ok(Vec::new()),
+        match table.get(key).map_err(db_err)? {
+            Some(value) => decode(value.value()).map(Some),
+            None => Ok(None),
         }
     }
 
@@ -253,9 +261,8 @@ impl Store {
                         logs.insert(room, encode(state)?.as_slice())
                             .map_err(db_err)?;
                     }
-                    Write::Members(members) => {
-                        node.insert("members", encode(members)?.as_slice())
-                            .map_err(db_err)?;
+                    Write::Node { key, value } => {
+                        node.insert(*key, value.as_slice()).map_err(db_err)?;
                     }
                 }
             }

@@ -435,4 +435,6 @@ pub struct MemberInfo {
     pub incarnation: u64,
     /// The member's node-to-node address (`host:port`; TCP for sessions, UDP for heartbeats).
     pub addr: String,
+    /// The URL browsers use to reach the member, when configured.
+    pub public_url: Option<String>,
 }

@@ -1,1 +1,527 @@
-//! Membership and failure detection over UDP heartbeats (filled in with cluster mode).
+//! The Membership actor: heartbeats over UDP, and the cluster view built from them.
+//!
+//! It is the thin async shell around the pure [`Detector`]: it pings every member (and the
+//! seeds, resolved again on every attempt) each heartbeat interval on the cluster port's UDP
+//! side, answers pings, and feeds what arrives to the detector. From the detector and the state
+//! of the node-to-node sessions ([`super::links`]) it builds the [`View`] and publishes it on
+//! every change; it tells the links which peers to keep sessions with.
+//!
+//! Every datagram is sealed with an HMAC-SHA256 keyed by the cluster cookie: a process without
+//! the cookie cannot be heard, so it can never become a member by this path (the session path is
+//! guarded by ractor_cluster's cookie challenge). Datagrams that fail the check are counted and
+//! dropped.
+//!
+//! A member is **up** in the view when its heartbeats are answered *and* its node-to-node
+//! session is ready; the view's quorum flag is the detector's lease check over those.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chat_protocol::NodeName;
+use chat_protocol::codec;
+use chat_protocol::peer::{Heartbeat, MemberInfo};
+use hmac::{Hmac, KeyInit, Mac};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor_cluster::RactorMessage;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::net::UdpSocket;
+
+use crate::cluster::Cluster;
+use crate::cluster::detector::{Detector, DetectorConfig};
+use crate::cluster::links::LinksMessage;
+use crate::cluster::view::{Member, Status, View};
+use crate::metrics::Metrics;
+use crate::store::{Store, Write, Writer};
+
+/// Length of the HMAC tag at the end of every datagram.
+const TAG_LEN: usize = 32;
+/// The largest datagram read.
+const MAX_DATAGRAM: usize = 64 << 10;
+/// Seeds are pinged at most this often while they are not members yet.
+const SEED_EVERY: Duration = Duration::from_millis(1000);
+/// The store key of the persisted membership.
+const MEMBERS_KEY: &str = "members";
+
+/// The membership persisted across restarts.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct KnownMembers {
+    /// Members counted for the quorum.
+    pub names: Vec<NodeName>,
+    /// Whether the cluster has bootstrapped.
+    pub bootstrapped: bool,
+}
+
+impl KnownMembers {
+    /// Reads the persisted membership (empty on a first start).
+    pub fn load(store: &Store) -> KnownMembers {
+        match store.node_value::<KnownMembers>(MEMBERS_KEY) {
+            Ok(Some(known)) => known,
+            Ok(None) => KnownMembers::default(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the persisted membership; starting afresh");
+                KnownMembers::default()
+            }
+        }
+    }
+}
+
+/// The datagram key derived from the cookie.
+pub fn datagram_key(cookie: &str) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(b"chat-cluster heartbeat key v1\0");
+    hasher.update(cookie.as_bytes());
+    hasher.finalize().into()
+}
+
+/// Appends the HMAC tag to `payload`.
+pub fn seal(key: &[u8; 32], mut payload: Vec<u8>) -> Vec<u8> {
+    let tag = tag(key, &payload);
+    payload.extend_from_slice(&tag);
+    payload
+}
+
+/// The payload of a sealed datagram, if its tag is valid.
+pub fn open<'a>(key: &[u8; 32], datagram: &'a [u8]) -> Option<&'a [u8]> {
+    let split = datagram.len().checked_sub(TAG_LEN)?;
+    let (payload, tag) = datagram.split_at(split);
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).ok()?;
+    mac.update(payload);
+    mac.verify_slice(tag).ok()?;
+    Some(payload)
+}
+
+fn tag(key: &[u8; 32], payload: &[u8]) -> Vec<u8> {
+    match Hmac::<Sha256>::new_from_slice(key) {
+        Ok(mut mac) => {
+            mac.update(payload);
+            mac.finalize().into_bytes().to_vec()
+        }
+        // HMAC accepts keys of any length.
+        Err(_) => vec![0; TAG_LEN],
+    }
+}
+
+/// The Membership actor.
+#[derive(Debug)]
+pub struct Membership;
+
+/// What the membership needs.
+pub struct MembershipArgs {
+    /// The node's cluster handle (the view is published there).
+    pub cluster: Cluster,
+    /// This node as members see it.
+    pub me: MemberInfo,
+    /// The bound UDP socket of the cluster port.
+    pub socket: Arc<UdpSocket>,
+    /// The datagram key (from the cookie).
+    pub key: [u8; 32],
+    /// Seed addresses (`host:port`).
+    pub seeds: Vec<String>,
+    /// Timing.
+    pub config: DetectorConfig,
+    /// For reading and persisting the known members.
+    pub store: Store,
+    /// For persisting the known members.
+    pub writer: Writer,
+    /// The links actor.
+    pub links: ActorRef<LinksMessage>,
+}
+
+impl std::fmt::Debug for MembershipArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MembershipArgs")
+            .field("me", &self.me)
+            .finish()
+    }
+}
+
+/// Messages of the membership actor.
+#[derive(Debug, RactorMessage)]
+pub enum MembershipMessage {
+    /// A datagram arrived.
+    Datagram(SocketAddr, Vec<u8>),
+    /// Time to ping.
+    Tick,
+    /// A node-to-node session became ready or closed.
+    LinksChanged,
+    /// A seed address resolved to this socket address.
+    SeedResolved(String, SocketAddr),
+    /// The node is shutting down: tell every member, then answer.
+    Leave(RpcReplyPort<()>),
+}
+
+/// The membership's state.
+pub struct MembershipState {
+    args: MembershipArgs,
+    detector: Detector,
+    version: u64,
+    last_view: Option<(Vec<Member>, bool)>,
+    persisted: (BTreeSet<NodeName>, bool),
+    seed_sent: Option<Instant>,
+    /// Where datagrams of our own came from (seeds that are this node).
+    own_addrs: HashSet<SocketAddr>,
+    seed_addrs: HashMap<String, SocketAddr>,
+    receiver: Option<tokio::task::JoinHandle<()>>,
+    leaving: bool,
+    last_bad_log: Option<Instant>,
+}
+
+impl Actor for Membership {
+    type Msg = MembershipMessage;
+    type State = MembershipState;
+    type Arguments = MembershipArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<MembershipMessage>,
+        args: MembershipArgs,
+    ) -> Result<MembershipState, ActorProcessingErr> {
+        let known = KnownMembers::load(&args.store);
+        let mut detector = Detector::new(
+            args.me.clone(),
+            args.config,
+            known.names.iter().cloned(),
+            known.bootstrapped,
+        );
+        if !args.seeds.is_empty() {
+            detector.expect_peers();
+        }
+        let socket = args.socket.clone();
+        let me = myself.clone();
+        let receiver = tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            loop {
+                match socket.recv_from(&mut buf).await {
+                    Ok((n, from)) => {
+                        if me
+                            .cast(MembershipMessage::Datagram(from, buf[..n].to_vec()))
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "udp receive failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        });
+        myself.send_interval(args.config.interval, || MembershipMessage::Tick);
+        let persisted = (detector.known().clone(), detector.bootstrapped());
+        tracing::info!(node = %args.me.name, incarnation = args.me.incarnation, known = ?persisted.0, seeds = ?args.seeds, "membership started");
+        Ok(MembershipState {
+            detector,
+            version: 1,
+            last_view: None,
+            persisted,
+            seed_sent: None,
+            own_addrs: HashSet::new(),
+            seed_addrs: HashMap::new(),
+            receiver: Some(receiver),
+            leaving: false,
+            last_bad_log: None,
+            args,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<MembershipMessage>,
+        state: &mut MembershipState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(receiver) = state.receiver.take() {
+            receiver.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<MembershipMessage>,
+        message: MembershipMessage,
+        state: &mut MembershipState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            MembershipMessage::Datagram(from, bytes) => state.datagram(from, &bytes),
+            MembershipMessage::Tick => state.tick(&myself),
+            MembershipMessage::LinksChanged => state.publish(),
+            MembershipMessage::SeedResolved(seed, addr) => {
+                state.seed_addrs.insert(seed, addr);
+                state.check_self_seeds();
+            }
+            MembershipMessage::Leave(reply) => {
+                state.leaving = true;
+                let leave = state.detector.leave();
+                let targets: Vec<String> = state
+                    .detector
+                    .members()
+                    .map(|(m, _)| m.addr.clone())
+                    .collect();
+                state.send_all(
+                    &myself,
+                    targets.into_iter().map(|a| (a, leave.clone())).collect(),
+                );
+                // Give the datagrams a moment to leave the socket before the process exits.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = reply.send(());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl MembershipState {
+    fn datagram(&mut self, from: SocketAddr, bytes: &[u8]) {
+        let Some(payload) = open(&self.args.key, bytes) else {
+            self.bad_datagram(from, "bad seal (wrong cookie?)");
+            return;
+        };
+        let heartbeat: Heartbeat = match codec::decode(payload) {
+            Ok(heartbeat) => heartbeat,
+            Err(e) => {
+                self.bad_datagram(from, &e.to_string());
+                return;
+            }
+        };
+        let observed = self.detector.observe(heartbeat, Instant::now());
+        if observed.own {
+            self.own_addrs.insert(from);
+            self.check_self_seeds();
+            return;
+        }
+        if let Some(reply) = observed.reply {
+            self.send_to(from, &reply);
+        }
+        if let Some(name) = observed.restarted {
+            tracing::info!(peer = %name, "peer restarted");
+            let _ = self.args.links.cast(LinksMessage::Restarted(name));
+        }
+        if observed.changed {
+            self.publish();
+        }
+    }
+
+    fn bad_datagram(&mut self, from: SocketAddr, why: &str) {
+        Metrics::count(&self.args.cluster.metrics().peer_dropped, "bad_datagram");
+        let now = Instant::now();
+        if self
+            .last_bad_log
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(5))
+        {
+            self.last_bad_log = Some(now);
+            tracing::warn!(%from, why, "heartbeat datagram refused");
+        }
+    }
+
+    fn check_self_seeds(&mut self) {
+        // Seeds that all turn out to be this node: it is the first node of its cluster.
+        if !self.args.seeds.is_empty()
+            && self.args.seeds.iter().all(|s| {
+                self.seed_addrs
+                    .get(s)
+                    .is_some_and(|a| self.own_addrs.contains(a))
+            })
+            && self.detector.members().next().is_none()
+        {
+            self.detector = Detector::new(
+                self.args.me.clone(),
+                self.args.config,
+                self.detector.known().iter().cloned(),
+                self.detector.bootstrapped(),
+            );
+            self.args.seeds.clear();
+        }
+    }
+
+    fn tick(&mut self, myself: &ActorRef<MembershipMessage>) {
+        if self.leaving {
+            return;
+        }
+        let now = Instant::now();
+        let mut sends = self.detector.pings(now);
+        if self
+            .seed_sent
+            .is_none_or(|t| now.duration_since(t) >= SEED_EVERY)
+        {
+            // Seeds are pinged forever: a node that started before its seeds, or lost them in
+            // a partition, finds its way back by itself.
+            self.seed_sent = Some(now);
+            for seed in self.args.seeds.clone() {
+                let ping = self.detector.seed_ping();
+                sends.push((seed, ping));
+            }
+        }
+        self.send_all(myself, sends);
+        if self.detector.tick(now) {
+            self.publish();
+        } else {
+            // The quorum depends on leases expiring with time: re-evaluate every tick.
+            self.publish_if_changed();
+        }
+    }
+
+    fn send_to(&self, to: SocketAddr, heartbeat: &Heartbeat) {
+        match codec::encode(heartbeat) {
+            Ok(bytes) => {
+                let datagram = seal(&self.args.key, bytes);
+                let _ = self.args.socket.try_send_to(&datagram, to);
+            }
+            Err(e) => tracing::error!(error = %e, "heartbeat not encodable"),
+        }
+    }
+
+    /// Resolves the addresses (host names are looked up again each time) and sends, off the
+    /// actor: a slow resolver must not delay heartbeats being answered.
+    fn send_all(&self, myself: &ActorRef<MembershipMessage>, sends: Vec<(String, Heartbeat)>) {
+        let key = self.args.key;
+        let socket = self.args.socket.clone();
+        let seeds: HashSet<String> = self.args.seeds.iter().cloned().collect();
+        let mut batch = Vec::with_capacity(sends.len());
+        for (addr, heartbeat) in sends {
+            match codec::encode(&heartbeat) {
+                Ok(bytes) => batch.push((addr, seal(&key, bytes))),
+                Err(e) => tracing::error!(error = %e, "heartbeat not encodable"),
+            }
+        }
+        let me = myself.clone();
+        tokio::spawn(async move {
+            for (addr, datagram) in batch {
+                let resolved = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    tokio::net::lookup_host(addr.clone()),
+                )
+                .await;
+                match resolved {
+                    Ok(Ok(mut addrs)) => {
+                        if let Some(to) = addrs.next() {
+                            let _ = socket.send_to(&datagram, to).await;
+                            if seeds.contains(&addr) {
+                                let _ = me.cast(MembershipMessage::SeedResolved(addr, to));
+                            }
+                        }
+                    }
+                    _ => tracing::debug!(%addr, "cannot resolve member address"),
+                }
+            }
+        });
+    }
+
+    fn build_view(&self) -> (Vec<Member>, bool) {
+        let cluster = &self.args.cluster;
+        let mut members = vec![Member {
+            name: self.args.me.name.clone(),
+            addr: self.args.me.addr.clone(),
+            status: Status::Up,
+            public_url: self.args.me.public_url.clone(),
+        }];
+        for (info, alive) in self.detector.members() {
+            let up = alive && cluster.has_link(&info.name);
+            members.push(Member {
+                name: info.name.clone(),
+                addr: info.addr.clone(),
+                status: if up { Status::Up } else { Status::Down },
+                public_url: info.public_url.clone(),
+            });
+        }
+        // Known members never seen in this life (after a restart) are down until they answer.
+        for name in self.detector.known() {
+            if !members.iter().any(|m| &m.name == name) {
+                members.push(Member {
+                    name: name.clone(),
+                    addr: String::new(),
+                    status: Status::Down,
+                    public_url: None,
+                });
+            }
+        }
+        members.sort_by(|a, b| a.name.cmp(&b.name));
+        let quorum = self
+            .detector
+            .quorum(Instant::now(), |name| cluster.has_link(name));
+        (members, quorum)
+    }
+
+    fn publish_if_changed(&mut self) {
+        let view = self.build_view();
+        if self.last_view.as_ref() != Some(&view) {
+            self.publish_view(view);
+        }
+    }
+
+    fn publish(&mut self) {
+        // Tell the links which peers to hold sessions with (every alive member).
+        let desired = self
+            .detector
+            .alive()
+            .map(|m| (m.name.clone(), m.addr.clone()))
+            .collect();
+        let _ = self.args.links.cast(LinksMessage::Desired(desired));
+        self.persist();
+        self.publish_if_changed();
+    }
+
+    fn publish_view(&mut self, (members, quorum): (Vec<Member>, bool)) {
+        self.version += 1;
+        let up: Vec<&str> = members
+            .iter()
+            .filter(|m| m.status == Status::Up)
+            .map(|m| m.name.as_str())
+            .collect();
+        tracing::info!(version = self.version, up = ?up, known = self.detector.known().len(), quorum, "cluster view changed");
+        let view = View::new(
+            self.args.me.name.clone(),
+            members.clone(),
+            quorum,
+            self.version,
+        );
+        self.last_view = Some((members, quorum));
+        self.args.cluster.set_view(view);
+    }
+
+    fn persist(&mut self) {
+        let current = (self.detector.known().clone(), self.detector.bootstrapped());
+        if current == self.persisted {
+            return;
+        }
+        let value = KnownMembers {
+            names: current.0.iter().cloned().collect(),
+            bootstrapped: current.1,
+        };
+        match codec::encode(&value) {
+            Ok(bytes) => self.args.writer.submit(
+                Write::Node {
+                    key: MEMBERS_KEY,
+                    value: bytes,
+                },
+                Box::new(|result| {
+                    if let Err(e) = result {
+                        tracing::error!(error = %e, "persisting the membership failed");
+                    }
+                }),
+            ),
+            Err(e) => tracing::error!(error = %e, "membership not encodable"),
+        }
+        self.persisted = current;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_datagrams_open_only_with_the_same_cookie() {
+        let key = datagram_key("secret");
+        let datagram = seal(&key, b"hello".to_vec());
+        assert_eq!(open(&key, &datagram), Some(&b"hello"[..]));
+        assert_eq!(open(&datagram_key("other"), &datagram), None);
+        let mut tampered = datagram.clone();
+        tampered[0] ^= 1;
+        assert_eq!(open(&key, &tampered), None);
+        assert_eq!(open(&key, b"short"), None);
+    }
+}

@@ -239,7 +239,7 @@ impl KeeperState {
         let keeper = myself.clone();
         let room = match &write {
             Write::Log { room, .. } => room.clone(),
-            Write::Members(_) => return,
+            Write::Node { .. } => return,
         };
         self.args.writer.submit(
             write,

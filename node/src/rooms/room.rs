@@ -227,6 +227,9 @@ impl Actor for Room {
         let view = args.cluster.view();
         let me = args.cluster.me().clone();
         args.cluster.metrics().rooms_hosted.inc();
+        // Start the claim above what this node already promised (a hint: the keeper is the
+        // authority and refuses a stale epoch anyway).
+        let promised = args.store.log_state(&args.id).map_or(0, |s| s.promised);
         myself.send_interval(TICK, || RoomMessage::Tick);
         let mut state = RoomState {
             placement: Placement {
@@ -242,7 +245,7 @@ impl Actor for Room {
                 until: Instant::now(),
             },
             epoch: 0,
-            highest_epoch: 0,
+            highest_epoch: promised,
             log: LogState::default(),
             commit: 0,
             acked: HashMap::new(),

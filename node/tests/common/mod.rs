@@ -3,7 +3,7 @@
 //! A [`NodeProcess`] is killed (SIGKILL, its own pid only) when dropped. Waiting is always by
 //! polling with a deadline, never by fixed sleeps.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -39,6 +39,7 @@ pub struct NodeProcess {
     /// Its data directory (removed when the harness's temp dir is dropped).
     pub data_dir: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     log: PathBuf,
     _temp: Option<tempfile::TempDir>,
 }
@@ -47,9 +48,19 @@ impl NodeProcess {
     /// Starts a single node named `name` with a fresh data directory and `extra` flags, and
     /// waits until `/healthz` answers 200.
     pub fn start(name: &str, extra: &[&str]) -> NodeProcess {
+        NodeProcess::start_with_env(name, extra, &[])
+    }
+
+    /// Like [`NodeProcess::start`], with extra environment variables (`CHAT_*` settings).
+    pub fn start_with_env(name: &str, extra: &[&str], env: &[(&str, &str)]) -> NodeProcess {
         let temp = tempfile::tempdir().expect("temp dir");
         let data_dir = temp.path().join(name);
-        let mut node = NodeProcess::spawn_in(name, "127.0.0.1", &data_dir, extra);
+        let mut node = NodeProcess::build(name, "127.0.0.1", &data_dir, extra);
+        node.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        node.launch();
         node._temp = Some(temp);
         node.wait_healthy();
         node
@@ -57,6 +68,12 @@ impl NodeProcess {
 
     /// Spawns a node on `ip` with `data_dir`, without waiting for it.
     pub fn spawn_in(name: &str, ip: &str, data_dir: &Path, extra: &[&str]) -> NodeProcess {
+        let mut node = NodeProcess::build(name, ip, data_dir, extra);
+        node.launch();
+        node
+    }
+
+    fn build(name: &str, ip: &str, data_dir: &Path, extra: &[&str]) -> NodeProcess {
         let http: SocketAddr = format!("{ip}:{}", free_port(ip)).parse().expect("addr");
         let mut args = vec![
             "--name".to_owned(),
@@ -70,17 +87,16 @@ impl NodeProcess {
         ];
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let log = data_dir.with_extension("log");
-        let mut node = NodeProcess {
+        NodeProcess {
             child: None,
             name: name.to_owned(),
             http,
             data_dir: data_dir.to_owned(),
             args,
+            env: Vec::new(),
             log,
             _temp: None,
-        };
-        node.launch();
-        node
+        }
     }
 
     fn launch(&mut self) {
@@ -96,6 +112,7 @@ impl NodeProcess {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -168,6 +185,23 @@ impl NodeProcess {
         }
     }
 
+    /// Waits (without signalling) for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let mut child = self.child.take().expect("not running");
+        let deadline = Instant::now() + TIMEOUT * 2;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{} did not exit in time", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts the process again with the same flags and data directory; waits until healthy.
     pub fn restart(&mut self) {
         self.kill();
@@ -196,6 +230,200 @@ impl Drop for NodeProcess {
             eprintln!("---- log of {} ----\n{}", self.name, self.log_text());
         }
     }
+}
+
+/// Runs the binary with `args` and `env` until it exits by itself; its exit code and stderr.
+/// Panics (after killing it) if it is still running after [`TIMEOUT`].
+pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chat-node"))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn chat-node");
+    let deadline = Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("chat-node {args:?} did not exit by itself");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    (status.code(), stderr)
+}
+
+/// An HTTP response.
+#[derive(Debug)]
+pub struct HttpResponse {
+    /// The status code.
+    pub status: u16,
+    /// Header names (lower case) and values, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body parsed as JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+}
+
+/// `GET path` on `addr`: status, headers and body.
+pub async fn http_request(addr: SocketAddr, path: &str) -> HttpResponse {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write request");
+    let mut response = String::new();
+    tokio::time::timeout(TIMEOUT, stream.read_to_string(&mut response))
+        .await
+        .expect("response in time")
+        .expect("read response");
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("bad response: {response:?}"));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line: {head:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    HttpResponse {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+/// The `/metrics` text of the node at `addr`.
+pub async fn metrics_text(addr: SocketAddr) -> String {
+    let response = http_request(addr, "/metrics").await;
+    assert_eq!(response.status, 200, "/metrics: {}", response.body);
+    response.body
+}
+
+/// The value of one series (`name` or `name{label="v"}`, exactly as rendered) in Prometheus text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Polls `/metrics` until `series` satisfies `pred`; returns its value.
+pub async fn wait_metric(addr: SocketAddr, series: &str, pred: impl Fn(f64) -> bool) -> f64 {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let text = metrics_text(addr).await;
+        let value = metric(&text, series);
+        if let Some(v) = value
+            && pred(v)
+        {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("{series} never got the expected value (last {value:?}); metrics:\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The HTTP status of a WebSocket upgrade of `path` (with its query) on `addr`: 101 when the
+/// upgrade succeeds (the connection is then dropped).
+pub async fn upgrade_status(addr: SocketAddr, path: &str) -> u16 {
+    use tokio_tungstenite::tungstenite::Error;
+    match tokio_tungstenite::connect_async(format!("ws://{addr}{path}")).await {
+        Ok(_) => 101,
+        Err(Error::Http(response)) => response.status().as_u16(),
+        Err(e) => panic!("upgrade of {path} failed without an HTTP answer: {e}"),
+    }
+}
+
+/// A JWT signed HS256 with `secret`: base64url(header).base64url(claims).signature.
+pub fn jwt(secret: &str, header: &Value, claims: &Value) -> String {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use hmac::{Hmac, KeyInit, Mac};
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("hmac key");
+    mac.update(signing_input.as_bytes());
+    let signature = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+    format!("{signing_input}.{signature}")
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64
+}
+
+/// Asserts that `ts` is a millisecond timestamp within `[from_ms, to_ms]`.
+#[track_caller]
+pub fn assert_ts_within(ts: &Value, from_ms: u64, to_ms: u64) {
+    let ts = ts.as_u64().unwrap_or_else(|| panic!("ts is not an integer: {ts}"));
+    assert!(
+        (from_ms..=to_ms).contains(&ts),
+        "ts {ts} not within [{from_ms}, {to_ms}]"
+    );
+}
+
+/// Asserts that `frame` is exactly an error with `code`, the given `ref` (or none) and a
+/// non-empty human-readable message.
+#[track_caller]
+pub fn assert_error(frame: &Value, reference: Option<Value>, code: &str) {
+    let message = &frame["message"];
+    assert!(
+        message.as_str().is_some_and(|m| !m.is_empty()),
+        "error message should be a non-empty string: {frame}"
+    );
+    let mut expected = json!({"type": "error", "code": code, "message": message});
+    if let Some(reference) = reference {
+        expected["ref"] = reference;
+    }
+    assert_eq!(*frame, expected);
 }
 
 /// `GET path` on `addr`: status code and body (blocking, for setup code).
@@ -362,6 +590,25 @@ impl Client {
         reply["seq"].as_u64().expect("seq")
     }
 
+    /// Sends every text to `room` at once (pipelined), then waits for each `ack`; returns their
+    /// seqs in the order of `texts`.
+    pub async fn say_many(&mut self, room: &str, texts: &[String]) -> Vec<u64> {
+        let first = self.next_ref;
+        for text in texts {
+            let reference = self.next_ref;
+            self.next_ref += 1;
+            self.send(json!({"type": "send", "ref": reference, "room": room, "text": text}))
+                .await;
+        }
+        let mut seqs = Vec::with_capacity(texts.len());
+        for reference in first..self.next_ref {
+            let reply = self.recv_until(|f| f["ref"] == json!(reference)).await;
+            assert_eq!(reply["type"], "ack", "send to {room}: {reply}");
+            seqs.push(reply["seq"].as_u64().expect("seq"));
+        }
+        seqs
+    }
+
     /// Waits for the `message` event with this seq in `room`.
     pub async fn message(&mut self, room: &str, seq: u64) -> Value {
         self.recv_until(|f| f["type"] == "message" && f["room"] == room && f["seq"] == json!(seq))
@@ -398,6 +645,72 @@ impl Client {
             }
             Ok(_) => false,
         }
+    }
+
+    /// Sends `frame` with `reference` as its `ref` and returns the reply carrying it.
+    pub async fn request_with_ref(&mut self, mut frame: Value, reference: Value) -> Value {
+        frame["ref"] = reference.clone();
+        self.send(frame).await;
+        self.recv_until(|f| f["ref"] == reference).await
+    }
+
+    /// Pings with a fresh `ref` and asserts the exact `pong`: the connection is open and served.
+    pub async fn assert_alive(&mut self) {
+        let reference = self.next_ref;
+        let pong = self.request(json!({"type": "ping"})).await;
+        assert_eq!(pong, json!({"type": "pong", "ref": reference}));
+    }
+
+    /// The `message` events of `room`, in arrival order, up to and including the one with `seq`
+    /// (other frames stay in the backlog).
+    pub async fn messages_until(&mut self, room: &str, seq: u64) -> Vec<Value> {
+        let mut messages = Vec::new();
+        loop {
+            let m = self
+                .recv_until(|f| f["type"] == "message" && f["room"] == room)
+                .await;
+            let last = m["seq"] == json!(seq);
+            messages.push(m);
+            if last {
+                return messages;
+            }
+        }
+    }
+
+    /// The next frame, or `None` once the connection is closed or broken (for tests that kill
+    /// the node); panics after [`TIMEOUT`].
+    pub async fn next_or_closed(&mut self) -> Option<Value> {
+        if let Some(frame) = self.backlog.pop_front() {
+            return Some(frame);
+        }
+        loop {
+            match tokio::time::timeout(TIMEOUT, self.ws.next()).await {
+                Err(_) => panic!("timed out waiting for a frame or the close"),
+                Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => return None,
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    return Some(serde_json::from_str(&text).expect("JSON frame"));
+                }
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
+    /// Closes the connection from the client side and waits until it is gone.
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(TIMEOUT, self.ws.next()).await {}
+    }
+
+    /// Asserts that nothing is left unread in the backlog and that no frame arrives within
+    /// `wait` (the only place a test waits for time to pass: to prove that nothing happens).
+    pub async fn assert_quiet(&mut self, wait: Duration) {
+        assert!(
+            self.backlog.is_empty(),
+            "unexpected frames: {:?}",
+            self.backlog
+        );
+        let quiet = self.quiet_for(wait).await;
+        assert!(quiet, "unexpected frame: {:?}", self.backlog);
     }
 
     /// The raw stream, for tests that need to stop reading.
