@@ -314,6 +314,22 @@ impl Cluster {
     /// Hands a message to the local actor that handles it.
     pub fn dispatch(&self, message: PeerMessage) -> Result<(), SendError> {
         let locals = self.locals();
+        if let PeerMessage::SessionsReset { .. } = &message {
+            // For both the rooms and the directory.
+            let to_host = locals
+                .host
+                .as_ref()
+                .is_some_and(|a| a.cast(HostMessage::Peer(message.clone())).is_ok());
+            let to_directory = locals
+                .directory
+                .as_ref()
+                .is_some_and(|a| a.cast(DirectoryMessage::Peer(message)).is_ok());
+            return if to_host && to_directory {
+                Ok(())
+            } else {
+                Err(SendError::NotRunning)
+            };
+        }
         let sent = match message {
             PeerMessage::Room { .. }
             | PeerMessage::Subscribe { .. }
@@ -343,7 +359,7 @@ impl Cluster {
                 .keeper
                 .as_ref()
                 .map(|a| a.cast(KeeperMessage::Peer(message)).is_ok()),
-            PeerMessage::Credit { .. } => Some(true),
+            PeerMessage::Credit { .. } | PeerMessage::SessionsReset { .. } => Some(true),
         };
         match sent {
             Some(true) => Ok(()),

@@ -131,6 +131,12 @@ impl Actor for Directory {
                     },
                 );
             }
+            DirectoryMessage::Peer(PeerMessage::SessionsReset { node }) => {
+                state.nodes.retain(|_, nodes| {
+                    nodes.remove(&node);
+                    !nodes.is_empty()
+                });
+            }
             DirectoryMessage::Peer(other) => {
                 tracing::warn!(kind = other.kind(), "directory got an unexpected message");
             }

@@ -172,6 +172,17 @@ impl Actor for Hub {
     ) -> Result<HubState, ActorProcessingErr> {
         args.cluster.set_hub(myself.clone());
         myself.send_interval(TICK, || HubMessage::Tick);
+        // Starting empty: whatever rooms and directories hold about this node's connections
+        // (from before a restart of the hub or of the node) is stale.
+        let view = args.cluster.view();
+        for node in view.up() {
+            let _ = args.cluster.send(
+                node,
+                PeerMessage::SessionsReset {
+                    node: args.cluster.me().clone(),
+                },
+            );
+        }
         Ok(HubState {
             view: args.cluster.view(),
             cluster: args.cluster,
@@ -486,10 +497,15 @@ impl HubState {
                     seq,
                 }
                 .to_json();
-                local.outbox.push_text(frame);
-                for entry in &replay {
-                    local.outbox.push_text(message_view(&room, entry).to_json());
-                }
+                // The reply and its replay take one slot of the client's queue.
+                let mut frames = Vec::with_capacity(replay.len() + 1);
+                frames.push(Utf8Bytes::from(frame));
+                frames.extend(
+                    replay
+                        .iter()
+                        .map(|entry| Utf8Bytes::from(message_view(&room, entry).to_json())),
+                );
+                local.outbox.push_batch(frames);
                 self.joined(&room, pending.session, seq);
                 return;
             }
@@ -588,6 +604,7 @@ impl HubState {
             return;
         };
         let mut gap = false;
+        let mut fresh: Vec<(u64, Utf8Bytes)> = Vec::new();
         for entry in entries {
             if entry.seq <= cursor {
                 continue;
@@ -596,16 +613,37 @@ impl HubState {
                 gap = true;
                 break;
             }
-            let frame = Utf8Bytes::from(message_view(room, entry).to_json());
-            for (session, after) in &lr.active {
-                if entry.seq > *after
-                    && let Some(local) = self.sessions.get(session)
-                {
-                    local.outbox.push(frame.clone());
-                }
-            }
+            // Rendered once, shared by every session of the room on this node.
+            fresh.push((
+                entry.seq,
+                Utf8Bytes::from(message_view(room, entry).to_json()),
+            ));
             cursor = entry.seq;
             lr.resyncing = false;
+        }
+        if !fresh.is_empty() {
+            for (session, after) in &lr.active {
+                let Some(local) = self.sessions.get(session) else {
+                    continue;
+                };
+                let frames: Vec<Utf8Bytes> = fresh
+                    .iter()
+                    .filter(|(seq, _)| seq > after)
+                    .map(|(_, frame)| frame.clone())
+                    .collect();
+                // One message is one slot; a catch-up burst is one slot too.
+                match frames.len() {
+                    0 => {}
+                    1 => {
+                        local
+                            .outbox
+                            .push(frames.into_iter().next().unwrap_or_default());
+                    }
+                    _ => {
+                        local.outbox.push_batch(frames);
+                    }
+                }
+            }
         }
         lr.cursor = Some(cursor);
         if gap && !lr.resyncing {

@@ -262,6 +262,12 @@ pub enum PeerMessage {
         ts: u64,
     },
 
+    /// The sender's hub (re)started empty: every connection it had is gone (to room hosts and
+    /// directories).
+    SessionsReset {
+        /// The sending node.
+        node: NodeName,
+    },
     /// The sender's directory (re)started empty: announce the users whose home it is.
     Reannounce {
         /// The sending node.
@@ -384,6 +390,7 @@ impl PeerMessage {
             PeerMessage::Fanout { .. } => "fanout",
             PeerMessage::Presence { .. } => "presence",
             PeerMessage::DeliverDirect { .. } => "deliver_direct",
+            PeerMessage::SessionsReset { .. } => "sessions_reset",
             PeerMessage::Reannounce { .. } => "reannounce",
             PeerMessage::Presences { .. } => "presences",
             PeerMessage::Direct { .. } => "direct",

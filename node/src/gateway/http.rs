@@ -347,14 +347,15 @@ async fn start_session(upgraded: hyper::upgrade::Upgraded, user: UserName, gatew
         }
     };
     let (sink, stream) = socket.split();
+    let reader = tokio::spawn(socket::read_loop(stream, session.clone(), outbox));
     tokio::spawn(socket::write_loop(
         sink,
         frames,
         close,
-        session.clone(),
+        reader.abort_handle(),
+        session,
         gateway.metrics().clone(),
     ));
-    tokio::spawn(socket::read_loop(stream, session, outbox));
 }
 
 fn header_has(headers: &hyper::HeaderMap, name: header::HeaderName, token: &str) -> bool {

@@ -80,10 +80,21 @@ impl Closing {
     }
 }
 
+/// What the outbox holds: one frame, or frames that must go out together (a join's reply and
+/// its replay, a catch-up after a room moved). A batch takes one slot: a client is cut off for
+/// not reading, not for having asked for a long replay.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// One frame.
+    Frame(Utf8Bytes),
+    /// Several frames, in order.
+    Batch(Vec<Utf8Bytes>),
+}
+
 /// The bounded queue of frames towards one client. Cheap to clone.
 #[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<Utf8Bytes>,
+    tx: mpsc::Sender<Outgoing>,
     close: Arc<watch::Sender<Option<Closing>>>,
 }
 
@@ -97,7 +108,19 @@ impl Outbox {
     /// Queues a frame without waiting; false if it could not be queued. A full queue closes
     /// the connection (1013).
     pub fn push(&self, frame: Utf8Bytes) -> bool {
-        match self.tx.try_send(frame) {
+        self.queue(Outgoing::Frame(frame))
+    }
+
+    /// Queues frames that go out together, in one slot of the queue.
+    pub fn push_batch(&self, frames: Vec<Utf8Bytes>) -> bool {
+        match frames.len() {
+            0 => true,
+            _ => self.queue(Outgoing::Batch(frames)),
+        }
+    }
+
+    fn queue(&self, outgoing: Outgoing) -> bool {
+        match self.tx.try_send(outgoing) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.close(Closing::TooSlow);
@@ -130,12 +153,12 @@ impl Outbox {
     }
 }
 
-/// Creates an outbox holding up to `capacity` frames, and the ends the writer task needs.
+/// Creates an outbox holding up to `capacity` entries, and the ends the writer task needs.
 pub fn outbox(
     capacity: usize,
 ) -> (
     Outbox,
-    mpsc::Receiver<Utf8Bytes>,
+    mpsc::Receiver<Outgoing>,
     watch::Receiver<Option<Closing>>,
 ) {
     let (tx, rx) = mpsc::channel(capacity);
@@ -150,79 +173,89 @@ pub fn outbox(
     )
 }
 
+/// Feeds one queued entry to the sink (without flushing); the number of frames fed.
+async fn feed(sink: &mut SplitSink<Socket, Message>, outgoing: Outgoing) -> Result<u64, WsError> {
+    match outgoing {
+        Outgoing::Frame(frame) => sink.feed(Message::Text(frame)).await.map(|()| 1),
+        Outgoing::Batch(frames) => {
+            let n = frames.len() as u64;
+            for frame in frames {
+                sink.feed(Message::Text(frame)).await?;
+            }
+            Ok(n)
+        }
+    }
+}
+
 /// Writes queued frames to the socket until the outbox closes or the socket fails, then sends
-/// the close frame (within a grace period) and tells the session.
+/// the close frame (within a grace period), stops the reader (which drops the socket) and tells
+/// the session.
 pub async fn write_loop(
     mut sink: SplitSink<Socket, Message>,
-    mut frames: mpsc::Receiver<Utf8Bytes>,
+    mut queue: mpsc::Receiver<Outgoing>,
     mut close: watch::Receiver<Option<Closing>>,
+    reader: tokio::task::AbortHandle,
     session: ActorRef<SessionMessage>,
     metrics: Metrics,
 ) {
-    let why = 'run: loop {
+    let why = loop {
+        let Some(first) = (tokio::select! {
+            biased;
+            changed = close.changed() => {
+                break if changed.is_ok() { *close.borrow() } else { None };
+            }
+            next = queue.recv() => next,
+        }) else {
+            break None;
+        };
+        // Every write can block on a client that does not read: race all of them against the
+        // close signal, so that a stalled client is cut off rather than waited for.
+        let write = async {
+            let mut sent = feed(&mut sink, first).await?;
+            while sent < 64 {
+                match queue.try_recv() {
+                    Ok(next) => sent += feed(&mut sink, next).await?,
+                    Err(_) => break,
+                }
+            }
+            sink.flush().await?;
+            Ok::<u64, WsError>(sent)
+        };
         tokio::select! {
             biased;
             changed = close.changed() => {
-                match changed {
-                    Ok(()) => break 'run *close.borrow(),
-                    Err(_) => break 'run None,
-                }
+                break if changed.is_ok() { *close.borrow() } else { None };
             }
-            frame = frames.recv() => {
-                let Some(frame) = frame else { break 'run None };
-                let mut batch = 1;
-                let mut result = sink.feed(Message::Text(frame)).await;
-                while result.is_ok() && batch < 64 {
-                    match frames.try_recv() {
-                        Ok(frame) => {
-                            batch += 1;
-                            result = sink.feed(Message::Text(frame)).await;
-                        }
-                        Err(_) => break,
-                    }
+            written = write => match written {
+                Ok(sent) => {
+                    metrics.messages_out.inc_by(sent);
                 }
-                if result.is_err() {
-                    break 'run None;
-                }
-                // A client that does not read blocks this flush, never the node: give up
-                // waiting as soon as the connection is told to close.
-                tokio::select! {
-                    biased;
-                    changed = close.changed() => {
-                        match changed {
-                            Ok(()) => break 'run *close.borrow(),
-                            Err(_) => break 'run None,
-                        }
-                    }
-                    flushed = sink.flush() => {
-                        if flushed.is_err() {
-                            break 'run None;
-                        }
-                        metrics.messages_out.inc_by(batch);
-                    }
-                }
-            }
+                Err(_) => break None,
+            },
         }
     };
     if let Some(why) = why {
         Metrics::count(&metrics.connections_closed, why.label());
         tracing::debug!(reason = why.label(), "closing connection");
-        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+    }
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        if let Some(why) = why {
             if why != Closing::TooSlow {
                 // Deliver what was queued before the close (replies, last messages).
-                while let Ok(frame) = frames.try_recv() {
-                    if sink.feed(Message::Text(frame)).await.is_err() {
+                while let Ok(next) = queue.try_recv() {
+                    if feed(&mut sink, next).await.is_err() {
                         return;
                     }
                 }
             }
             let _ = sink.send(Message::Close(Some(why.frame()))).await;
-            let _ = sink.close().await;
-        })
-        .await;
-    } else {
-        let _ = tokio::time::timeout(CLOSE_GRACE, sink.close()).await;
-    }
+        }
+        let _ = sink.close().await;
+    })
+    .await;
+    // The reader holds the other half of the socket: stopping it drops the connection, also
+    // when the client never reads again (its close frame could not be written).
+    reader.abort();
     let _ = session.cast(SessionMessage::Closed);
 }
 

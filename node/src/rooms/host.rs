@@ -286,6 +286,11 @@ impl HostState {
                 node,
                 entries,
             } => self.tell(&room, RoomMessage::Fetched { node, entries }),
+            PeerMessage::SessionsReset { node } => {
+                for room in self.rooms.values() {
+                    let _ = room.cast(RoomMessage::NodeReset(node.clone()));
+                }
+            }
             other => tracing::warn!(kind = other.kind(), "room host got an unexpected message"),
         }
     }

@@ -136,6 +136,8 @@ pub enum RoomMessage {
     },
     /// The view changed.
     ViewChanged(Arc<View>),
+    /// Every connection of this node is gone (its hub restarted).
+    NodeReset(NodeName),
     /// Sends sequenced entries to the placement.
     Flush,
     /// Housekeeping: deadlines, retries, idleness.
@@ -266,16 +268,6 @@ impl Actor for Room {
         Ok(state)
     }
 
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<RoomMessage>,
-        state: &mut RoomState,
-    ) -> Result<(), ActorProcessingErr> {
-        state.cluster.metrics().rooms_hosted.dec();
-        state.fail_all("the room moved; retry");
-        Ok(())
-    }
-
     async fn handle(
         &self,
         myself: ActorRef<RoomMessage>,
@@ -332,6 +324,11 @@ impl Actor for Room {
             } => state.on_appended(&myself, epoch, node, ok, promised, last_seq),
             RoomMessage::Fetched { node, entries } => state.on_fetched(&myself, node, entries),
             RoomMessage::ViewChanged(view) => state.on_view(&myself, view),
+            RoomMessage::NodeReset(node) => {
+                for user in state.members.drop_node(&node) {
+                    state.presence(&user, PresenceEvent::Leave);
+                }
+            }
             RoomMessage::Flush => {
                 state.flush_scheduled = false;
                 state.pump();
@@ -340,6 +337,15 @@ impl Actor for Room {
             RoomMessage::Crash => panic!("injected failure in room {}", state.id),
         }
         Ok(())
+    }
+}
+
+/// Cleanup when the room stops, however it stops (ractor skips `post_stop` after a panic): the
+/// requests it holds get `unavailable` at once instead of waiting for their timeout.
+impl Drop for RoomState {
+    fn drop(&mut self) {
+        self.cluster.metrics().rooms_hosted.dec();
+        self.fail_all("the room moved or restarted; retry");
     }
 }
 

@@ -5,6 +5,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cluster;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -236,7 +238,14 @@ impl Drop for NodeProcess {
 /// Panics (after killing it) if it is still running after [`TIMEOUT`].
 pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     use std::io::Read;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chat-node"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_chat-node"));
+    // Only the settings the test gives: none inherited from the environment running the tests.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("CHAT_") {
+            command.env_remove(key);
+        }
+    }
+    let mut child = command
         .args(args)
         .envs(env.iter().copied())
         .stdin(Stdio::null())
@@ -403,7 +412,9 @@ pub fn now_ms() -> u64 {
 /// Asserts that `ts` is a millisecond timestamp within `[from_ms, to_ms]`.
 #[track_caller]
 pub fn assert_ts_within(ts: &Value, from_ms: u64, to_ms: u64) {
-    let ts = ts.as_u64().unwrap_or_else(|| panic!("ts is not an integer: {ts}"));
+    let ts = ts
+        .as_u64()
+        .unwrap_or_else(|| panic!("ts is not an integer: {ts}"));
     assert!(
         (from_ms..=to_ms).contains(&ts),
         "ts {ts} not within [{from_ms}, {to_ms}]"
@@ -623,6 +634,25 @@ impl Client {
                 Ok(None) => return None,
                 Ok(Some(Err(_))) => return None,
                 Ok(Some(Ok(Message::Close(frame)))) => return frame,
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    if let Ok(frame) = serde_json::from_str(&text) {
+                        self.backlog.push_back(frame);
+                    }
+                }
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
+    /// Like [`Client::closed`], but `None` instead of a panic when the connection is not closed
+    /// within `wait`; `Some(None)` when it ended without a close frame (EOF or reset).
+    pub async fn closed_within(&mut self, wait: Duration) -> Option<Option<CloseFrame>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return None,
+                Ok(None | Some(Err(_))) => return Some(None),
+                Ok(Some(Ok(Message::Close(frame)))) => return Some(frame),
                 Ok(Some(Ok(Message::Text(text)))) => {
                     if let Ok(frame) = serde_json::from_str(&text) {
                         self.backlog.push_back(frame);
