@@ -621,27 +621,30 @@ impl HubState {
             cursor = entry.seq;
             lr.resyncing = false;
         }
-        if !fresh.is_empty() {
-            for (session, after) in &lr.active {
-                let Some(local) = self.sessions.get(session) else {
-                    continue;
-                };
-                let frames: Vec<Utf8Bytes> = fresh
-                    .iter()
-                    .filter(|(seq, _)| seq > after)
-                    .map(|(_, frame)| frame.clone())
-                    .collect();
-                // One message is one slot; a catch-up burst is one slot too.
-                match frames.len() {
-                    0 => {}
-                    1 => {
-                        local
-                            .outbox
-                            .push(frames.into_iter().next().unwrap_or_default());
+        match fresh.as_slice() {
+            [] => {}
+            [(seq, frame)] => {
+                // The common case: one message, one shared frame, no allocation per session.
+                for (session, after) in &lr.active {
+                    if seq > after
+                        && let Some(local) = self.sessions.get(session)
+                    {
+                        local.outbox.push(frame.clone());
                     }
-                    _ => {
-                        local.outbox.push_batch(frames);
-                    }
+                }
+            }
+            _ => {
+                for (session, after) in &lr.active {
+                    let Some(local) = self.sessions.get(session) else {
+                        continue;
+                    };
+                    let frames: Vec<Utf8Bytes> = fresh
+                        .iter()
+                        .filter(|(seq, _)| seq > after)
+                        .map(|(_, frame)| frame.clone())
+                        .collect();
+                    // A catch-up burst takes one slot of the client's queue.
+                    local.outbox.push_batch(frames);
                 }
             }
         }
