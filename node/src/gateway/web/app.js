@@ -13,8 +13,10 @@
   // '@' is outside the room charset, so the pseudo-room key can never collide with a room.
   const DIRECT = '@direct';
 
-  const PING_INTERVAL_MS = 20000;
-  const PONG_TIMEOUT_MS = 10000;
+  // A frozen node keeps its sockets open: the ping is what notices it. The cluster itself
+  // declares a silent node down after 3 s, so the page should not wait much longer.
+  const PING_INTERVAL_MS = 5000;
+  const PONG_TIMEOUT_MS = 4000;
   // A node that accepts TCP but never answers the upgrade (stopped process) would otherwise
   // leave the socket in CONNECTING forever.
   const CONNECT_TIMEOUT_MS = 8000;
@@ -79,6 +81,7 @@
     view: null, // room name, DIRECT, or null
     outbox: new Map(), // client id -> unacked send or direct, in creation order
     directTarget: null,
+    selfDirects: new Map(), // text -> count of acked directs to ourselves not yet echoed back
     sysCounter: 0,
   };
 
@@ -564,6 +567,7 @@
     if (!p) return;
     if (p.kind === 'direct') {
       removeOutbox(p);
+      if (p.to === S.me) S.selfDirects.set(p.text, (S.selfDirects.get(p.text) || 0) + 1);
       addDirectItem({ from: S.me, to: p.to, text: p.text, ts: Date.now() });
       return;
     }
@@ -612,6 +616,13 @@
 
   function onDirect(f) {
     if (typeof f.from !== 'string') return;
+    if (f.from === S.me && S.selfDirects.has(f.text)) {
+      // Our own message to ourselves: already shown when it was acked.
+      const n = S.selfDirects.get(f.text);
+      if (n <= 1) S.selfDirects.delete(f.text);
+      else S.selfDirects.set(f.text, n - 1);
+      return;
+    }
     addDirectItem({ from: f.from, to: S.me, text: String(f.text ?? ''), ts: f.ts });
     if (!S.directTarget) S.directTarget = f.from;
     if (S.view !== DIRECT) {
@@ -1034,6 +1045,12 @@
   function outboxError(p, code, detail) {
     if (RETRYABLE.has(code) && p.attempts < SEND_RETRIES) {
       p.attempts++;
+      if (code === 'unavailable' && p.attempts >= 3) {
+        // Still refused after a few seconds: this node may be cut off from the majority of the
+        // cluster (it answers pings but refuses writes). Move to another node; the message is
+        // re-sent there with the same id after re-joining.
+        drop(S.conn, 4000);
+      }
       p.state = 'waiting';
       p.error = code === 'unavailable' ? 'room unavailable, retrying…' : 'rate limited, retrying…';
       const delay = jitter(Math.min(BACKOFF_MAX_MS, 500 * 2 ** (p.attempts - 1)));
