@@ -785,8 +785,9 @@ def main() -> int:
     try:
         single = Node("solo", "127.0.0.1", workdir, cluster=False)
         # The cluster nodes each on their own loopback address, as on separate hosts.
-        base = random.randrange(20, 250)
-        cluster = [Node(f"n{i}", f"127.0.0.{base + i}", workdir, cluster=True) for i in (1, 2, 3)]
+        # 127.0.1.x: the Rust suites use 127.0.0.x ranges, and both may run at once.
+        base = random.randrange(1, 250)
+        cluster = [Node(f"n{i}", f"127.0.1.{base + i}", workdir, cluster=True) for i in (1, 2, 3)]
         nodes = [single, *cluster]
         seeds = ",".join(n.cluster_addr for n in cluster)
         single.start([])

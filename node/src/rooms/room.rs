@@ -283,6 +283,13 @@ impl Actor for Room {
                 state.last_activity = Instant::now();
                 if matches!(state.phase, Phase::Active) {
                     state.serve(&myself, origin, op, received);
+                } else if !state.view.quorum {
+                    // Waiting would not help: no claim can succeed without a majority.
+                    state.fail(
+                        &origin,
+                        ErrorCode::Unavailable,
+                        "this node is cut off from the majority of the cluster; retry",
+                    );
                 } else if state.queue.len() >= QUEUE_MAX {
                     state.fail(
                         &origin,

@@ -6,6 +6,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod cluster;
+pub mod netns;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -44,6 +45,8 @@ pub struct NodeProcess {
     env: Vec<(String, String)>,
     log: PathBuf,
     _temp: Option<tempfile::TempDir>,
+    /// A command the binary is launched through (e.g. `ip netns exec NS`); empty: run directly.
+    prefix: Vec<String>,
 }
 
 impl NodeProcess {
@@ -75,8 +78,31 @@ impl NodeProcess {
         node
     }
 
+    /// Spawns a node inside the network namespace `netns` (through `ip netns exec`, which execs
+    /// the binary: the child's pid is the node's) with its HTTP listener on `http`, without
+    /// waiting for it. The address belongs to the namespace, so no port is probed here.
+    pub fn spawn_in_netns(
+        name: &str,
+        netns: &str,
+        http: SocketAddr,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> NodeProcess {
+        let mut node = NodeProcess::build_at(name, http, data_dir, extra);
+        node.prefix = ["ip", "netns", "exec", netns]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        node.launch();
+        node
+    }
+
     fn build(name: &str, ip: &str, data_dir: &Path, extra: &[&str]) -> NodeProcess {
         let http: SocketAddr = format!("{ip}:{}", free_port(ip)).parse().expect("addr");
+        NodeProcess::build_at(name, http, data_dir, extra)
+    }
+
+    fn build_at(name: &str, http: SocketAddr, data_dir: &Path, extra: &[&str]) -> NodeProcess {
         let mut args = vec![
             "--name".to_owned(),
             name.to_owned(),
@@ -98,6 +124,7 @@ impl NodeProcess {
             env: Vec::new(),
             log,
             _temp: None,
+            prefix: Vec::new(),
         }
     }
 
@@ -108,7 +135,17 @@ impl NodeProcess {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_chat-node"))
+        let mut command = match self.prefix.split_first() {
+            None => Command::new(env!("CARGO_BIN_EXE_chat-node")),
+            Some((program, prefix_args)) => {
+                let mut command = Command::new(program);
+                command
+                    .args(prefix_args)
+                    .arg(env!("CARGO_BIN_EXE_chat-node"));
+                command
+            }
+        };
+        let child = command
             .args(&self.args)
             .env(
                 "RUST_LOG",
@@ -747,4 +784,44 @@ impl Client {
     pub fn into_inner(self) -> Ws {
         self.ws
     }
+
+    /// Sends a JSON frame; `false` (instead of a panic) when the connection is gone, for tests
+    /// that kill the client's node.
+    pub async fn try_send(&mut self, frame: Value) -> bool {
+        self.ws
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .is_ok()
+    }
+
+    /// The next frame (from the backlog first) if one arrives within `wait`, without panicking
+    /// on a timeout or on the connection's end: for tests that read while they do other things
+    /// and for tests that kill the client's node.
+    pub async fn poll_frame(&mut self, wait: Duration) -> Polled {
+        if let Some(frame) = self.backlog.pop_front() {
+            return Polled::Frame(frame);
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return Polled::Quiet,
+                Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => return Polled::Closed,
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    return Polled::Frame(serde_json::from_str(&text).expect("JSON frame"));
+                }
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+}
+
+/// What [`Client::poll_frame`] saw.
+#[derive(Debug)]
+pub enum Polled {
+    /// A frame.
+    Frame(Value),
+    /// Nothing within the wait.
+    Quiet,
+    /// The connection ended (close frame, EOF or error).
+    Closed,
 }
