@@ -465,7 +465,9 @@ pub async fn start(
     )
     .await
     .context("starting the links")?;
-    let incarnation = store.next_incarnation()?;
+    // Milliseconds since the Unix epoch as a floor: a node restarted with an empty data
+    // directory must not reuse an incarnation its peers saw (they would ignore it as stale).
+    let incarnation = store.next_incarnation(crate::rooms::room::now_ms())?;
     let me = chat_protocol::peer::MemberInfo {
         name: cluster.me().clone(),
         incarnation,

@@ -208,8 +208,10 @@ impl Store {
         }
     }
 
-    /// Takes the next incarnation number of this node (durably) and returns it.
-    pub fn next_incarnation(&self) -> Result<u64, StoreError> {
+    /// Takes the next incarnation number of this node (durably) and returns it: above the last
+    /// one stored and not below `floor` (the caller passes the wall clock, so that a node whose
+    /// data was wiped still comes back with an incarnation its peers have not seen).
+    pub fn next_incarnation(&self, floor: u64) -> Result<u64, StoreError> {
         let txn = self.db.begin_write().map_err(db_err)?;
         let next = {
             let mut table = txn.open_table(NODE).map_err(db_err)?;
@@ -217,7 +219,7 @@ impl Store {
                 Some(value) => decode(value.value())?,
                 None => 0,
             };
-            let next = current + 1;
+            let next = (current + 1).max(floor);
             let bytes = codec::encode(&next).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             table
                 .insert("incarnation", bytes.as_slice())
@@ -523,8 +525,21 @@ mod tests {
     #[test]
     fn incarnations_grow_across_opens() {
         let dir = tempfile::tempdir().unwrap();
-        let a = Store::open(dir.path()).unwrap().next_incarnation().unwrap();
-        let b = Store::open(dir.path()).unwrap().next_incarnation().unwrap();
+        let a = Store::open(dir.path())
+            .unwrap()
+            .next_incarnation(0)
+            .unwrap();
+        let b = Store::open(dir.path())
+            .unwrap()
+            .next_incarnation(0)
+            .unwrap();
         assert!(b > a);
+        // The floor wins over a store that lost its history (a wiped data volume).
+        let fresh = tempfile::tempdir().unwrap();
+        let c = Store::open(fresh.path())
+            .unwrap()
+            .next_incarnation(1_000)
+            .unwrap();
+        assert_eq!(c, 1_000);
     }
 }

@@ -970,7 +970,27 @@ impl RoomState {
     // ---- view, time, leaving ----
 
     fn on_view(&mut self, myself: &ActorRef<RoomMessage>, view: Arc<View>) {
-        self.view = view;
+        let previous = std::mem::replace(&mut self.view, view);
+        if matches!(self.phase, Phase::Active) {
+            // A node that was down in our previous view (a crash, or just a flapping link) had
+            // its members dropped here, while its own view may never have changed: invite it to
+            // subscribe again, with its cursor.
+            let returned: Vec<NodeName> = self
+                .view
+                .up()
+                .filter(|n| !previous.is_up(n) && *n != self.me())
+                .cloned()
+                .collect();
+            for node in returned {
+                let _ = self.cluster.send(
+                    &node,
+                    PeerMessage::RoomActive {
+                        room: self.id.clone(),
+                        owner: self.me().clone(),
+                    },
+                );
+            }
+        }
         if self.view.owner(&self.id) != Some(self.me()) {
             self.step_down(myself, "the room moved to another node");
             return;
