@@ -17,7 +17,7 @@
 //! claims again, recovers its log from the store, and announces itself so that nodes with
 //! members subscribe again: no message is lost, only the requests in flight get `unavailable`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,6 +58,11 @@ pub struct HostState {
     rooms: HashMap<RoomId, ActorRef<RoomMessage>>,
     ids: HashMap<ActorId, RoomId>,
     restarts: HashMap<RoomId, (u32, Instant)>,
+    /// Requests this node forwarded (sender's view was stale), by origin: the node they went
+    /// to, oldest first. The owner answers the origin directly; if the target goes down in this
+    /// node's view first, the origin gets `unavailable` from here instead of waiting for its
+    /// timeout.
+    forwarded: VecDeque<(Origin, NodeName, Instant)>,
 }
 
 /// Messages of the room host.
@@ -100,6 +105,7 @@ impl Actor for RoomHost {
             rooms: HashMap::new(),
             ids: HashMap::new(),
             restarts: HashMap::new(),
+            forwarded: VecDeque::new(),
         })
     }
 
@@ -113,6 +119,7 @@ impl Actor for RoomHost {
             HostMessage::Peer(message) => state.route(&myself, message).await,
             HostMessage::ViewChanged(view) => {
                 state.view = view.clone();
+                state.fail_forwarded_to_gone();
                 for room in state.rooms.values() {
                     let _ = room.cast(RoomMessage::ViewChanged(view.clone()));
                 }
@@ -221,6 +228,8 @@ impl HostState {
                         };
                         if self.args.cluster.send(&owner, forwarded).is_err() {
                             self.fail(&origin, "the room's node is unreachable");
+                        } else if origin.req != 0 {
+                            self.remember_forwarded(origin, owner);
                         }
                     }
                     _ => self.fail(&origin, "the room is moving between nodes"),
@@ -292,6 +301,32 @@ impl HostState {
                 }
             }
             other => tracing::warn!(kind = other.kind(), "room host got an unexpected message"),
+        }
+    }
+
+    fn remember_forwarded(&mut self, origin: Origin, target: NodeName) {
+        let now = Instant::now();
+        // Past twice the queue timeout the origin has given up on the request anyway.
+        let keep = self.args.config.queue_timeout * 2;
+        while self
+            .forwarded
+            .front()
+            .is_some_and(|(_, _, at)| now.duration_since(*at) > keep)
+        {
+            self.forwarded.pop_front();
+        }
+        self.forwarded.push_back((origin, target, now));
+    }
+
+    fn fail_forwarded_to_gone(&mut self) {
+        let view = self.view.clone();
+        let (gone, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.forwarded)
+            .into_iter()
+            .partition(|(_, target, _)| !view.is_up(target));
+        self.forwarded = kept;
+        for (origin, target, _) in gone {
+            tracing::debug!(peer = %target, req = origin.req, "forwarded request lost with its target");
+            self.fail(&origin, "the node serving this request went down; retry");
         }
     }
 

@@ -53,6 +53,9 @@ use super::{Client, NodeProcess};
 pub const HTTP_PORT: u16 = 8080;
 /// Every node's cluster port.
 pub const CLUSTER_PORT: u16 = 7000;
+/// Time between the launches of two nodes by [`NetCluster::start`] (the heartbeat interval is
+/// 200 ms: nodes tick 70 ms and 140 ms apart).
+pub const LAUNCH_STAGGER: Duration = Duration::from_millis(70);
 /// The line printed when the tests cannot run here.
 pub const SKIPPED: &str = "skipped: needs root and ip netns";
 /// Namespaces of this harness are named `chatnet-<pid>-<k>-…`.
@@ -207,9 +210,17 @@ impl NetCluster {
     /// Creates the namespaces of `size` nodes on `10.213.{subnet}.0/24`, starts every node and
     /// waits until they form one cluster; `None` (after printing [`SKIPPED`]) when namespaces
     /// cannot be made here.
+    ///
+    /// The nodes are launched [`LAUNCH_STAGGER`] apart, so that their heartbeat ticks are out of
+    /// phase as in any real deployment: nodes launched in the same millisecond tick together,
+    /// detect failures at the same tick and see each other come back at the same moment, which
+    /// hides every race between two nodes' views.
     pub async fn start(subnet: u8, size: usize) -> Option<NetCluster> {
         let mut cluster = NetCluster::plan(subnet, size)?;
         for i in 1..=size {
+            if i > 1 {
+                tokio::time::sleep(LAUNCH_STAGGER).await;
+            }
             cluster.launch(i);
         }
         cluster.wait_formed().await;
