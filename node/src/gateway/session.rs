@@ -101,6 +101,7 @@ pub struct SessionState {
     joined: HashSet<RoomId>,
     rate: RateLimit,
     guard: Guard,
+    span: tracing::Span,
 }
 
 impl Actor for Session {
@@ -130,6 +131,7 @@ impl Actor for Session {
             outbox: args.outbox.clone(),
             actor: myself,
         });
+        let span = tracing::info_span!("session", session = %session, user = %args.user);
         Ok(SessionState {
             guard: Guard {
                 id: args.id,
@@ -146,6 +148,7 @@ impl Actor for Session {
             metrics: args.metrics,
             joined: HashSet::new(),
             rate: RateLimit::new(args.limits.rate_limit, Instant::now()),
+            span,
         })
     }
 
@@ -155,6 +158,9 @@ impl Actor for Session {
         message: SessionMessage,
         state: &mut SessionState,
     ) -> Result<(), ActorProcessingErr> {
+        // Every log line of the connection carries its session and user.
+        let span = state.span.clone();
+        let _entered = span.enter();
         match message {
             SessionMessage::Frame(text, permit) => {
                 state.metrics.messages_in.inc();

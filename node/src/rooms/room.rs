@@ -214,6 +214,7 @@ pub struct RoomState {
     dedupe_order: VecDeque<(UserName, String)>,
     last_ts: u64,
     last_activity: Instant,
+    span: tracing::Span,
 }
 
 impl Actor for Room {
@@ -232,6 +233,7 @@ impl Actor for Room {
         // Start the claim above what this node already promised (a hint: the keeper is the
         // authority and refuses a stale epoch anyway).
         let promised = args.store.log_state(&args.id).map_or(0, |s| s.promised);
+        let span = tracing::info_span!("room", room = %args.id);
         myself.send_interval(TICK, || RoomMessage::Tick);
         let mut state = RoomState {
             placement: Placement {
@@ -263,6 +265,7 @@ impl Actor for Room {
             dedupe_order: VecDeque::new(),
             last_ts: 0,
             last_activity: Instant::now(),
+            span,
         };
         state.start_claim(&myself);
         Ok(state)
@@ -274,6 +277,9 @@ impl Actor for Room {
         message: RoomMessage,
         state: &mut RoomState,
     ) -> Result<(), ActorProcessingErr> {
+        // Every log line of the room carries its id (the handler never awaits).
+        let span = state.span.clone();
+        let _entered = span.enter();
         match message {
             RoomMessage::Request {
                 origin,
