@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use common::netns::NetCluster;
 use futures_util::{SinkExt, StreamExt};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
