@@ -36,7 +36,7 @@ use tokio::sync::watch;
 
 use crate::directory::DirectoryMessage;
 use crate::hub::HubMessage;
-use crate::metrics::{Direction, KindLabel, Metrics};
+use crate::metrics::{Direction, Metrics};
 use crate::rooms::host::HostMessage;
 use crate::rooms::keeper::KeeperMessage;
 use router::RouterMessage;
@@ -132,11 +132,6 @@ impl Cluster {
         self.inner.view_tx.borrow().clone()
     }
 
-    /// Watches view changes.
-    pub fn subscribe_view(&self) -> watch::Receiver<Arc<View>> {
-        self.inner.view_tx.subscribe()
-    }
-
     /// Publishes a new view and tells the local actors that depend on it.
     pub fn set_view(&self, view: View) {
         let view = Arc::new(view);
@@ -227,11 +222,6 @@ impl Cluster {
     /// Whether a session to `node` is ready.
     pub fn has_link(&self, node: &NodeName) -> bool {
         self.links().contains_key(node)
-    }
-
-    /// The router of `node`, if a session to it is ready.
-    pub fn link_router(&self, node: &NodeName) -> Option<ActorRef<RouterMessage>> {
-        self.links().get(node).map(|link| link.router.clone())
     }
 
     /// Records that `node` processed `bytes` more of what this node sent it.
@@ -375,15 +365,6 @@ impl Cluster {
     /// Counts a payload from a peer that failed to decode.
     pub fn count_decode_failure(&self) {
         self.inner.metrics.peer_decode_failures.inc();
-    }
-
-    /// Counts a message not sent, by reason (for callers that drop before `send`).
-    pub fn count_dropped(&self, reason: &'static str) {
-        self.inner
-            .metrics
-            .peer_dropped
-            .get_or_create(&KindLabel { kind: reason })
-            .inc();
     }
 }
 

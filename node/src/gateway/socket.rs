@@ -39,8 +39,6 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 pub enum Closing {
     /// 1001: the node is shutting down.
     Shutdown,
-    /// 1008: the client broke a policy.
-    Policy(&'static str),
     /// 1009: a frame or message over `max-frame-bytes`.
     TooLarge,
     /// 1013: the client does not read its queue fast enough.
@@ -55,7 +53,6 @@ impl Closing {
     fn frame(self) -> CloseFrame {
         let (code, reason) = match self {
             Closing::Shutdown => (CloseCode::Away, "node shutting down"),
-            Closing::Policy(reason) => (CloseCode::Policy, reason),
             Closing::TooLarge => (CloseCode::Size, "frame or message too large"),
             Closing::TooSlow => (CloseCode::Again, "client too slow to read its queue"),
             Closing::Internal => (CloseCode::Error, "internal error"),
@@ -71,7 +68,6 @@ impl Closing {
     pub fn label(self) -> &'static str {
         match self {
             Closing::Shutdown => "shutdown",
-            Closing::Policy(_) => "policy",
             Closing::TooLarge => "too_large",
             Closing::TooSlow => "slow",
             Closing::Internal => "internal",

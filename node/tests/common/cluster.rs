@@ -232,25 +232,8 @@ impl Cluster {
         every: Duration,
         timeout: Duration,
     ) -> Option<Duration> {
-        loop {
-            let mut done = true;
-            for &i in observers {
-                match up_members(self.http(i)).await {
-                    Some(up) if pred(&up) => {}
-                    _ => {
-                        done = false;
-                        break;
-                    }
-                }
-            }
-            if done {
-                return Some(since.elapsed());
-            }
-            if since.elapsed() > timeout {
-                return None;
-            }
-            tokio::time::sleep(every).await;
-        }
+        let addrs: Vec<SocketAddr> = observers.iter().map(|&i| self.http(i)).collect();
+        wait_views_at(&addrs, pred, since, every, timeout).await
     }
 
     /// The `/cluster` answer of each of `observers`, for failure messages.
@@ -302,6 +285,36 @@ pub async fn cluster_view(addr: SocketAddr) -> Option<Value> {
         return None;
     }
     serde_json::from_str(&body).ok()
+}
+
+/// Polls every `every` until each node at `addrs` has an up-member set satisfying `pred`; the
+/// time it took from `since`, or `None` after `timeout` (from `since`).
+pub async fn wait_views_at(
+    addrs: &[SocketAddr],
+    pred: impl Fn(&BTreeSet<String>) -> bool,
+    since: Instant,
+    every: Duration,
+    timeout: Duration,
+) -> Option<Duration> {
+    loop {
+        let mut done = true;
+        for &addr in addrs {
+            match up_members(addr).await {
+                Some(up) if pred(&up) => {}
+                _ => {
+                    done = false;
+                    break;
+                }
+            }
+        }
+        if done {
+            return Some(since.elapsed());
+        }
+        if since.elapsed() > timeout {
+            return None;
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 /// The names a node lists with status `up`, `None` if it does not answer.

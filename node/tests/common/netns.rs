@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::cluster::{COOKIE, FORM_TIMEOUT, cluster_view, health_status, placement, up_members};
+use super::cluster::{COOKIE, FORM_TIMEOUT, cluster_view, health_status, placement, wait_views_at};
 use super::{Client, NodeProcess};
 
 /// Every node's HTTP / WebSocket port (each node has its own address).
@@ -572,25 +572,8 @@ impl NetCluster {
         every: Duration,
         timeout: Duration,
     ) -> Option<Duration> {
-        loop {
-            let mut done = true;
-            for &i in observers {
-                match up_members(self.http(i)).await {
-                    Some(up) if pred(&up) => {}
-                    _ => {
-                        done = false;
-                        break;
-                    }
-                }
-            }
-            if done {
-                return Some(since.elapsed());
-            }
-            if since.elapsed() > timeout {
-                return None;
-            }
-            tokio::time::sleep(every).await;
-        }
+        let addrs: Vec<SocketAddr> = observers.iter().map(|&i| self.http(i)).collect();
+        wait_views_at(&addrs, pred, since, every, timeout).await
     }
 
     /// Node `i`'s quorum flag (`/cluster`), `None` if it does not answer.
