@@ -29,8 +29,8 @@ fn names(list: &[&str]) -> BTreeSet<String> {
     list.iter().map(|s| (*s).to_owned()).collect()
 }
 
-/// Sends `text` (with `text` as its client message id, so a retry is stored once) until it is
-/// acknowledged, retrying on `unavailable` only; its seq. Panics after `timeout` from `since`.
+/// Sends `text` (also its client message id) until acked; its seq. Panics after `timeout` from
+/// `since`.
 async fn send_until_acked(
     client: &mut Client,
     room: &str,
@@ -38,26 +38,9 @@ async fn send_until_acked(
     since: Instant,
     timeout: Duration,
 ) -> u64 {
-    loop {
-        let reply = client
-            .request(json!({"type": "send", "room": room, "text": text, "id": text}))
-            .await;
-        match reply["type"].as_str() {
-            Some("ack") => {
-                assert_eq!(reply["room"], room, "{reply}");
-                return reply["seq"]
-                    .as_u64()
-                    .unwrap_or_else(|| panic!("ack without seq: {reply}"));
-            }
-            Some("error") if reply["code"] == "unavailable" => {}
-            _ => panic!("send {text:?} to {room}: unexpected reply {reply}"),
-        }
-        assert!(
-            since.elapsed() < timeout,
-            "send {text:?} to {room} not acked within {timeout:?}; last reply {reply}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    client
+        .send_until_acked(room, text, text, since + timeout)
+        .await
 }
 
 /// The room's history (newest 500), retrying on `unavailable` only, for up to `timeout`.

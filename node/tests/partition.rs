@@ -38,30 +38,11 @@ const CLAIMS_WON: &str = r#"chat_room_claims_total{kind="won"}"#;
 /// See [`CLAIMS_WON`].
 const CLAIMS_REFUSED: &str = r#"chat_room_claims_total{kind="refused"}"#;
 
-/// Sends `text` (with `text` as its client message id, so a retry is stored once) until it is
-/// acknowledged, retrying on `unavailable` only; its seq. Panics after `timeout`.
+/// Sends `text` (also its client message id) until acked; its seq. Panics after `timeout`.
 async fn send_until_acked(client: &mut Client, room: &str, text: &str, timeout: Duration) -> u64 {
-    let start = Instant::now();
-    loop {
-        let reply = client
-            .request(json!({"type": "send", "room": room, "text": text, "id": text}))
-            .await;
-        match reply["type"].as_str() {
-            Some("ack") => {
-                assert_eq!(reply["room"], room, "{reply}");
-                return reply["seq"]
-                    .as_u64()
-                    .unwrap_or_else(|| panic!("ack without seq: {reply}"));
-            }
-            Some("error") if reply["code"] == "unavailable" => {}
-            _ => panic!("send {text:?} to {room}: unexpected reply {reply}"),
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "send {text:?} to {room} not acked within {timeout:?}; last reply {reply}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    client
+        .send_until_acked(room, text, text, Instant::now() + timeout)
+        .await
 }
 
 /// What a test expects of a room's log: every text that must end up in it, and the seq each

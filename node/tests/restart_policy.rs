@@ -65,19 +65,9 @@ async fn wait_members(client: &mut Client, room: &str, users: &[&str]) {
 
 /// Sends with a client message id until it is acked, retrying on `unavailable`; the seq.
 async fn send_until_acked(client: &mut Client, room: &str, text: &str, id: &str) -> u64 {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let reply = client
-            .request(json!({"type": "send", "room": room, "text": text, "id": id}))
-            .await;
-        if reply["type"] == "ack" {
-            return reply["seq"]
-                .as_u64()
-                .unwrap_or_else(|| panic!("no seq: {reply}"));
-        }
-        assert_eq!(reply["code"], "unavailable", "{reply}");
-        assert!(Instant::now() < deadline, "never acked: {reply}");
-    }
+    client
+        .send_until_acked(room, text, id, Instant::now() + TIMEOUT)
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

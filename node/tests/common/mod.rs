@@ -638,6 +638,37 @@ impl Client {
         reply["seq"].as_u64().expect("seq")
     }
 
+    /// Sends `text` with client message id `id` (so a retry is stored once) until it is
+    /// acknowledged, retrying on `unavailable` only; its seq. Panics once `deadline` has passed.
+    pub async fn send_until_acked(
+        &mut self,
+        room: &str,
+        text: &str,
+        id: &str,
+        deadline: Instant,
+    ) -> u64 {
+        loop {
+            let reply = self
+                .request(json!({"type": "send", "room": room, "text": text, "id": id}))
+                .await;
+            match reply["type"].as_str() {
+                Some("ack") => {
+                    assert_eq!(reply["room"], room, "{reply}");
+                    return reply["seq"]
+                        .as_u64()
+                        .unwrap_or_else(|| panic!("ack without seq: {reply}"));
+                }
+                Some("error") if reply["code"] == "unavailable" => {}
+                _ => panic!("send {text:?} to {room}: unexpected reply {reply}"),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "send {text:?} to {room} not acked in time; last reply {reply}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Sends every text to `room` at once (pipelined), then waits for each `ack`; returns their
     /// seqs in the order of `texts`.
     pub async fn say_many(&mut self, room: &str, texts: &[String]) -> Vec<u64> {
