@@ -1,389 +1,53 @@
-//! The cluster: membership, placement and node-to-node messaging.
+//! Cluster mode: membership, failure detection and placement, above the node-to-node layer.
 //!
-//! - [`Cluster`] is the one way any part of the node talks to a node, itself included:
-//!   [`Cluster::send`] hands a [`PeerMessage`] to the right local actor, or encodes it once and
-//!   casts it to the peer's router.
+//! - [`detector`]: the pure failure detector and write lease over heartbeats.
+//! - [`membership`]: the Membership actor: heartbeats over UDP, and the [`View`] it publishes.
 //! - [`view`]: the current membership and the placement of rooms and users on it.
 //! - [`ring`]: the pure consistent-hash ring.
-//! - [`router`]: the one remotable actor per node; it decodes what peers send.
-//! - [`membership`]: heartbeats over UDP, failure detection and the write lease (quorum).
-//! - [`links`]: the ractor_cluster node server and the sessions to peers.
+//! - [`Cluster`]: the supervisor of the cluster-mode actors.
 //!
 //! ```text
-//!   node A                                             node B
-//!   Session ─┐                                     ┌─> RoomHost ─> Room
-//!   Room ────┼─> Cluster::send ─> router(B) ══TCP══> router(B) ─> Hub ─> sessions
-//!   Hub ─────┘        │ (to A itself)              └─> LogKeeper, Directory
-//!                     └─> local actor, no encoding
+//!  Cluster (supervisor; any child stopping fails it, and Root restarts the whole subtree)
+//!   ├── NodeServer (ractor_cluster)   TCP sessions to peers, cookie challenge, process groups
+//!   ├── Router (net::router)          the one actor peers can message
+//!   ├── Links (net::links)            dials the members the membership wants, drops dead ones
+//!   └── Membership                    UDP heartbeats → the view (who is up, quorum) → watchers
 //! ```
+//!
+//! The view reaches the rest of the node through a watch channel ([`Views`]): membership
+//! publishes, the actors that place rooms and users follow it.
 
 pub mod detector;
-pub mod links;
 pub mod membership;
 pub mod ring;
-pub mod router;
 pub mod view;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
-use chat_protocol::NodeName;
-use chat_protocol::codec;
-use chat_protocol::peer::{Envelope, PeerMessage};
-use ractor::ActorRef;
+use anyhow::Context as _;
+use chat_protocol::peer::MemberInfo;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor_cluster::RactorMessage;
+use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
-use crate::directory::DirectoryMessage;
-use crate::hub::HubMessage;
-use crate::metrics::{Direction, Metrics};
-use crate::rooms::host::HostMessage;
-use crate::rooms::keeper::KeeperMessage;
-use router::RouterMessage;
+use crate::clock::now_ms;
+use crate::net::Net;
+use crate::net::datagram;
+use crate::net::links::{Links, LinksArgs};
+use crate::net::router::Router;
+use crate::store::{Store, Writer};
+use membership::{Membership, MembershipArgs, MembershipMessage};
 use view::View;
 
-/// Bytes sent to a peer and not yet credited back before the link counts as congested; further
-/// messages to it are dropped (and counted) instead of growing an unbounded queue.
-pub const MAX_UNCREDITED_BYTES: u64 = 32 << 20;
-
-/// Why a message could not be handed over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum SendError {
-    /// No session to that node (down, not yet connected).
-    #[error("node unreachable")]
-    Unreachable,
-    /// The link to that node is congested (a slow or frozen peer).
-    #[error("link congested")]
-    Congested,
-    /// The message encodes to more than the codec allows.
-    #[error("message too large")]
-    TooLarge,
-    /// The local actor for this message is not running.
-    #[error("local actor not running")]
-    NotRunning,
-}
-
-/// The local actors that receive peer messages; each registers itself when it starts.
-#[derive(Default)]
-struct Locals {
-    hub: Option<ActorRef<HubMessage>>,
-    host: Option<ActorRef<HostMessage>>,
-    keeper: Option<ActorRef<KeeperMessage>>,
-    directory: Option<ActorRef<DirectoryMessage>>,
-    sessions: Option<ractor::ActorCell>,
-}
-
-/// A session to a peer: its router, and the flow-control counter of the link.
-#[derive(Clone)]
-pub struct Link {
-    router: ActorRef<RouterMessage>,
-    uncredited: Arc<AtomicU64>,
-}
-
-struct Inner {
-    me: NodeName,
-    metrics: Metrics,
-    locals: RwLock<Locals>,
-    links: RwLock<HashMap<NodeName, Link>>,
-    view_tx: watch::Sender<Arc<View>>,
-}
-
-/// The node's handle on the cluster. Cheap to clone.
-#[derive(Clone)]
-pub struct Cluster {
-    inner: Arc<Inner>,
-}
-
-impl std::fmt::Debug for Cluster {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cluster")
-            .field("me", &self.inner.me)
-            .finish()
-    }
-}
-
-impl Cluster {
-    /// Creates the handle with an initial view.
-    pub fn new(me: NodeName, metrics: Metrics, view: View) -> Cluster {
-        let (view_tx, _) = watch::channel(Arc::new(view));
-        Cluster {
-            inner: Arc::new(Inner {
-                me,
-                metrics,
-                locals: RwLock::default(),
-                links: RwLock::default(),
-                view_tx,
-            }),
-        }
-    }
-
-    /// This node's name.
-    pub fn me(&self) -> &NodeName {
-        &self.inner.me
-    }
-
-    /// The node's metrics.
-    pub fn metrics(&self) -> &Metrics {
-        &self.inner.metrics
-    }
-
-    /// The current view.
-    pub fn view(&self) -> Arc<View> {
-        self.inner.view_tx.borrow().clone()
-    }
-
-    /// Publishes a new view and tells the local actors that depend on it.
-    pub fn set_view(&self, view: View) {
-        let view = Arc::new(view);
-        self.inner.metrics.members.set(view.up_count() as i64);
-        self.inner.metrics.quorum.set(i64::from(view.quorum));
-        self.inner.view_tx.send_replace(view.clone());
-        let locals = self.locals();
-        if let Some(host) = &locals.host {
-            let _ = host.cast(HostMessage::ViewChanged(view.clone()));
-        }
-        if let Some(hub) = &locals.hub {
-            let _ = hub.cast(HubMessage::ViewChanged(view.clone()));
-        }
-        if let Some(directory) = &locals.directory {
-            let _ = directory.cast(DirectoryMessage::ViewChanged(view));
-        }
-    }
-
-    fn locals(&self) -> std::sync::RwLockReadGuard<'_, Locals> {
-        // A poisoned lock only means a writer panicked mid-assignment of an Option: still valid.
-        self.inner
-            .locals
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn locals_mut(&self) -> std::sync::RwLockWriteGuard<'_, Locals> {
-        self.inner
-            .locals
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Registers the hub (called from its `pre_start`).
-    pub fn set_hub(&self, hub: ActorRef<HubMessage>) {
-        self.locals_mut().hub = Some(hub);
-    }
-
-    /// Registers the room host.
-    pub fn set_host(&self, host: ActorRef<HostMessage>) {
-        self.locals_mut().host = Some(host);
-    }
-
-    /// Registers the log keeper.
-    pub fn set_keeper(&self, keeper: ActorRef<KeeperMessage>) {
-        self.locals_mut().keeper = Some(keeper);
-    }
-
-    /// Registers the directory.
-    pub fn set_directory(&self, directory: ActorRef<DirectoryMessage>) {
-        self.locals_mut().directory = Some(directory);
-    }
-
-    /// Registers the supervisor of sessions.
-    pub fn set_sessions(&self, sessions: ractor::ActorCell) {
-        self.locals_mut().sessions = Some(sessions);
-    }
-
-    /// The local hub, if running.
-    pub fn hub(&self) -> Option<ActorRef<HubMessage>> {
-        self.locals().hub.clone()
-    }
-
-    /// The local room host, if running.
-    pub fn host(&self) -> Option<ActorRef<HostMessage>> {
-        self.locals().host.clone()
-    }
-
-    /// The supervisor of sessions, if running.
-    pub fn sessions(&self) -> Option<ractor::ActorCell> {
-        self.locals().sessions.clone()
-    }
-
-    /// Records a ready session to `node` whose router is `router`.
-    pub fn add_link(&self, node: NodeName, router: ActorRef<RouterMessage>) {
-        let link = Link {
-            router,
-            uncredited: Arc::new(AtomicU64::new(0)),
-        };
-        self.links_mut().insert(node, link);
-    }
-
-    /// Forgets the session to `node` (it went down or its session closed).
-    pub fn remove_link(&self, node: &NodeName) {
-        self.links_mut().remove(node);
-    }
-
-    /// Whether a session to `node` is ready.
-    pub fn has_link(&self, node: &NodeName) -> bool {
-        self.links().contains_key(node)
-    }
-
-    /// Records that `node` processed `bytes` more of what this node sent it.
-    pub fn credit(&self, node: &NodeName, bytes: u64) {
-        if let Some(link) = self.links().get(node) {
-            let _ = link
-                .uncredited
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                    Some(v.saturating_sub(bytes))
-                });
-        }
-    }
-
-    fn links(&self) -> std::sync::RwLockReadGuard<'_, HashMap<NodeName, Link>> {
-        self.inner
-            .links
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn links_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<NodeName, Link>> {
-        self.inner
-            .links
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Sends `message` to `node`: dispatched locally when `node` is this node, else encoded and
-    /// cast to the peer's router. Never blocks; failures are counted and returned.
-    pub fn send(&self, node: &NodeName, message: PeerMessage) -> Result<(), SendError> {
-        if node == &self.inner.me {
-            return self.dispatch(message);
-        }
-        let kind = message.kind();
-        let result = self.send_remote(node, message);
-        if let Err(e) = result {
-            let reason = match e {
-                SendError::Unreachable => "unreachable",
-                SendError::Congested => "congested",
-                SendError::TooLarge => "too_large",
-                SendError::NotRunning => "not_running",
-            };
-            Metrics::count(&self.inner.metrics.peer_dropped, reason);
-            tracing::debug!(peer = %node, kind, reason, "peer message not sent");
-        }
-        result
-    }
-
-    fn send_remote(&self, node: &NodeName, message: PeerMessage) -> Result<(), SendError> {
-        let link = self
-            .links()
-            .get(node)
-            .cloned()
-            .ok_or(SendError::Unreachable)?;
-        let kind = message.kind();
-        let credit = matches!(message, PeerMessage::Credit { .. });
-        let envelope = Envelope {
-            from: self.inner.me.clone(),
-            message,
-        };
-        let bytes = codec::encode(&envelope).map_err(|e| {
-            tracing::error!(peer = %node, kind, error = %e, "peer message not encodable");
-            SendError::TooLarge
-        })?;
-        let len = bytes.len() as u64;
-        // Credits themselves are exempt, or two congested peers could never recover.
-        if !credit {
-            let before = link.uncredited.fetch_add(len, Ordering::Relaxed);
-            if before > MAX_UNCREDITED_BYTES {
-                link.uncredited.fetch_sub(len, Ordering::Relaxed);
-                return Err(SendError::Congested);
-            }
-        }
-        self.inner.metrics.peer(Direction::Sent, kind, bytes.len());
-        link.router
-            .cast(RouterMessage::Deliver(bytes))
-            .map_err(|_| SendError::Unreachable)
-    }
-
-    /// Hands a message to the local actor that handles it.
-    pub fn dispatch(&self, message: PeerMessage) -> Result<(), SendError> {
-        let locals = self.locals();
-        if let PeerMessage::SessionsReset { .. } = &message {
-            // For both the rooms and the directory.
-            let to_host = locals
-                .host
-                .as_ref()
-                .is_some_and(|a| a.cast(HostMessage::Peer(message.clone())).is_ok());
-            let to_directory = locals
-                .directory
-                .as_ref()
-                .is_some_and(|a| a.cast(DirectoryMessage::Peer(message)).is_ok());
-            return if to_host && to_directory {
-                Ok(())
-            } else {
-                Err(SendError::NotRunning)
-            };
-        }
-        let sent = match message {
-            PeerMessage::Room { .. }
-            | PeerMessage::Subscribe { .. }
-            | PeerMessage::Activate { .. }
-            | PeerMessage::Promised { .. }
-            | PeerMessage::Appended { .. }
-            | PeerMessage::Fetched { .. } => locals
-                .host
-                .as_ref()
-                .map(|a| a.cast(HostMessage::Peer(message)).is_ok()),
-            PeerMessage::Reply { .. }
-            | PeerMessage::Fanout { .. }
-            | PeerMessage::Presence { .. }
-            | PeerMessage::DeliverDirect { .. }
-            | PeerMessage::RoomActive { .. }
-            | PeerMessage::Reannounce { .. } => locals
-                .hub
-                .as_ref()
-                .map(|a| a.cast(HubMessage::Peer(message)).is_ok()),
-            PeerMessage::Presences { .. } | PeerMessage::Direct { .. } => locals
-                .directory
-                .as_ref()
-                .map(|a| a.cast(DirectoryMessage::Peer(message)).is_ok()),
-            PeerMessage::Promise { .. }
-            | PeerMessage::Append { .. }
-            | PeerMessage::Fetch { .. } => locals
-                .keeper
-                .as_ref()
-                .map(|a| a.cast(KeeperMessage::Peer(message)).is_ok()),
-            PeerMessage::Credit { .. } | PeerMessage::SessionsReset { .. } => Some(true),
-        };
-        match sent {
-            Some(true) => Ok(()),
-            _ => Err(SendError::NotRunning),
-        }
-    }
-
-    /// Counts a message that arrived from a peer.
-    pub fn count_received(&self, kind: &'static str, bytes: usize) {
-        self.inner.metrics.peer(Direction::Received, kind, bytes);
-    }
-
-    /// Counts a payload from a peer that failed to decode.
-    pub fn count_decode_failure(&self) {
-        self.inner.metrics.peer_decode_failures.inc();
-    }
-}
-
-/// The cluster-mode actors of a node, started by [`start`].
-pub struct ClusterNode {
-    membership: ActorRef<membership::MembershipMessage>,
-    links: ActorRef<links::LinksMessage>,
-    router: ActorRef<RouterMessage>,
-    server: ActorRef<ractor_cluster::NodeServerMessage>,
-    /// The bound node-to-node address (TCP and UDP).
-    pub addr: std::net::SocketAddr,
-    done: Vec<tokio::task::JoinHandle<()>>,
-}
+/// The receiving end of the views the membership publishes.
+pub type Views = watch::Receiver<Arc<View>>;
 
 /// What cluster mode needs from the settings.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
-    /// Address to bind the node-to-node port on (TCP sessions, UDP heartbeats).
-    pub listen: String,
     /// `host:port` peers use to reach this node.
     pub advertise: String,
     /// Seed addresses.
@@ -396,116 +60,151 @@ pub struct ClusterConfig {
     pub detector: detector::DetectorConfig,
 }
 
-/// Starts the node server, the router, the links and the membership.
-pub async fn start(
-    cluster: &Cluster,
-    config: ClusterConfig,
-    store: &crate::store::Store,
-    writer: &crate::store::Writer,
-) -> anyhow::Result<ClusterNode> {
-    use anyhow::Context as _;
-    use ractor::Actor;
-
-    let addr = tokio::net::lookup_host(&config.listen)
+/// Binds the node-to-node port's UDP side (the TCP side is the node server's): done once, before
+/// the actors start, so that a taken port fails the start with a clear error.
+pub async fn bind(listen: &str) -> anyhow::Result<Arc<UdpSocket>> {
+    let addr = tokio::net::lookup_host(listen)
         .await
-        .with_context(|| format!("resolving `cluster-listen` {}", config.listen))?
+        .with_context(|| format!("resolving `cluster-listen` {listen}"))?
         .next()
-        .with_context(|| format!("`cluster-listen` {} resolves to nothing", config.listen))?;
-    let socket = tokio::net::UdpSocket::bind(addr)
+        .with_context(|| format!("`cluster-listen` {listen} resolves to nothing"))?;
+    let socket = UdpSocket::bind(addr)
         .await
         .with_context(|| format!("binding the heartbeat port udp/{addr}"))?;
-    let addr = socket.local_addr()?;
-    let host = config
-        .advertise
-        .rsplit_once(':')
-        .map_or(config.advertise.as_str(), |(h, _)| h)
-        .to_owned();
-    let server = ractor_cluster::NodeServer::new(
-        addr.port(),
-        config.cookie.clone(),
-        cluster.me().to_string(),
-        host,
-        None,
-        Some(ractor_cluster::node::NodeConnectionMode::Isolated),
-    )
-    .with_listen_addr(addr.ip())
-    .with_max_inbound_frame_size(ractor_cluster::DEFAULT_MAX_INBOUND_FRAME_SIZE);
-    let (server, server_done) = Actor::spawn(None, server, ())
-        .await
-        .context("starting the node server")?;
-    let (router, router_done) = Actor::spawn(None, router::Router, cluster.clone())
-        .await
-        .context("starting the router")?;
-    let (links, links_done) = Actor::spawn(
-        None,
-        links::Links,
-        links::LinksArgs {
-            cluster: cluster.clone(),
-            server: server.clone(),
-        },
-    )
-    .await
-    .context("starting the links")?;
-    // Milliseconds since the Unix epoch as a floor: a node restarted with an empty data
-    // directory must not reuse an incarnation its peers saw (they would ignore it as stale).
-    let incarnation = store.next_incarnation(crate::rooms::room::now_ms())?;
-    let me = chat_protocol::peer::MemberInfo {
-        name: cluster.me().clone(),
-        incarnation,
-        addr: config.advertise.clone(),
-        public_url: config.public_url.clone(),
-    };
-    let (membership, membership_done) = Actor::spawn(
-        None,
-        membership::Membership,
-        membership::MembershipArgs {
-            cluster: cluster.clone(),
-            me,
-            socket: std::sync::Arc::new(socket),
-            key: membership::datagram_key(&config.cookie),
-            seeds: config.seeds,
-            config: config.detector,
-            store: store.clone(),
-            writer: writer.clone(),
-            links: links.clone(),
-        },
-    )
-    .await
-    .context("starting the membership")?;
-    links.cast(links::LinksMessage::SetMembership(membership.clone()))?;
-    Ok(ClusterNode {
-        membership,
-        links,
-        router,
-        server,
-        addr,
-        done: vec![server_done, router_done, links_done, membership_done],
-    })
+    Ok(Arc::new(socket))
 }
 
-impl ClusterNode {
-    /// Tells every member this node is leaving (they drop it at once).
-    pub async fn leave(&self) {
-        let _ = ractor::call_t!(self.membership, membership::MembershipMessage::Leave, 1000);
+/// The supervisor of the cluster-mode actors.
+#[derive(Debug)]
+pub struct Cluster;
+
+/// What the cluster-mode actors need.
+#[derive(Debug, Clone)]
+pub struct ClusterArgs {
+    /// The node-to-node layer.
+    pub net: Net,
+    /// Where the membership publishes the view.
+    pub views: watch::Sender<Arc<View>>,
+    /// Settings.
+    pub config: ClusterConfig,
+    /// The bound node-to-node port (UDP side).
+    pub socket: Arc<UdpSocket>,
+    /// For the known members and the incarnation.
+    pub store: Store,
+    /// For persisting the known members.
+    pub writer: Writer,
+}
+
+/// Messages of the cluster supervisor.
+#[derive(Debug, RactorMessage)]
+pub enum ClusterMessage {
+    /// The node is shutting down: tell every member, then answer.
+    Leave(RpcReplyPort<()>),
+}
+
+/// The cluster supervisor's state.
+pub struct ClusterState {
+    membership: ActorRef<MembershipMessage>,
+}
+
+impl Actor for Cluster {
+    type Msg = ClusterMessage;
+    type State = ClusterState;
+    type Arguments = ClusterArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ClusterMessage>,
+        args: ClusterArgs,
+    ) -> Result<ClusterState, ActorProcessingErr> {
+        let addr: SocketAddr = args.socket.local_addr()?;
+        let me = args.net.me().clone();
+        let host = args
+            .config
+            .advertise
+            .rsplit_once(':')
+            .map_or(args.config.advertise.as_str(), |(h, _)| h)
+            .to_owned();
+        let cell = myself.get_cell();
+        let server = ractor_cluster::NodeServer::new(
+            addr.port(),
+            args.config.cookie.clone(),
+            me.to_string(),
+            host,
+            None,
+            Some(ractor_cluster::node::NodeConnectionMode::Isolated),
+        )
+        .with_listen_addr(addr.ip())
+        .with_max_inbound_frame_size(ractor_cluster::DEFAULT_MAX_INBOUND_FRAME_SIZE);
+        let (server, _) = Actor::spawn_linked(None, server, (), cell.clone()).await?;
+        Actor::spawn_linked(None, Router, args.net.clone(), cell.clone()).await?;
+        let links_args = LinksArgs {
+            net: args.net.clone(),
+            server,
+        };
+        let (links, _) = Actor::spawn_linked(None, Links, links_args, cell.clone()).await?;
+        // Milliseconds since the Unix epoch as a floor: a node restarted with an empty data
+        // directory must not reuse an incarnation its peers saw (they would ignore it as stale).
+        let incarnation = args.store.next_incarnation(now_ms())?;
+        let membership_args = MembershipArgs {
+            net: args.net.clone(),
+            views: args.views.clone(),
+            me: MemberInfo {
+                name: me,
+                incarnation,
+                addr: args.config.advertise.clone(),
+                public_url: args.config.public_url.clone(),
+            },
+            socket: args.socket.clone(),
+            key: datagram::key(&args.config.cookie),
+            seeds: args.config.seeds.clone(),
+            config: args.config.detector,
+            store: args.store.clone(),
+            writer: args.writer.clone(),
+            links,
+        };
+        let (membership, _) = Actor::spawn_linked(None, Membership, membership_args, cell).await?;
+        tracing::info!(cluster = %addr, seeds = ?args.config.seeds, "cluster mode");
+        Ok(ClusterState { membership })
     }
 
-    /// Stops the cluster-mode actors.
-    pub async fn stop(self) {
-        self.membership.stop(None);
-        self.links.stop(None);
-        self.router.stop(None);
-        self.server.stop(None);
-        for done in self.done {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), done).await;
+    async fn handle(
+        &self,
+        _myself: ActorRef<ClusterMessage>,
+        message: ClusterMessage,
+        state: &mut ClusterState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            ClusterMessage::Leave(reply) => {
+                let _ = state
+                    .membership
+                    .call(MembershipMessage::Leave, Some(Duration::from_secs(1)))
+                    .await;
+                let _ = reply.send(());
+            }
         }
+        Ok(())
     }
 
-    /// Waits until one of the cluster-mode actors stops by itself.
-    pub async fn stopped(&mut self) {
-        if self.done.is_empty() {
-            return std::future::pending().await;
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<ClusterMessage>,
+        event: SupervisionEvent,
+        _state: &mut ClusterState,
+    ) -> Result<(), ActorProcessingErr> {
+        // The four depend on each other (sessions, their routers, the links recorded in Net, the
+        // view built from both): one stopping restarts them all, under Root's restart budget.
+        match event {
+            SupervisionEvent::ActorFailed(cell, error) => {
+                Err(format!("cluster actor {} failed: {error}", cell.get_id()).into())
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => Err(format!(
+                "cluster actor {} stopped: {}",
+                cell.get_id(),
+                reason.unwrap_or_default()
+            )
+            .into()),
+            _ => Ok(()),
         }
-        let (_, _, rest) = futures_util::future::select_all(self.done.drain(..)).await;
-        self.done = rest;
     }
 }

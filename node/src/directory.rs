@@ -8,14 +8,16 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use chat_protocol::peer::{PeerMessage, Reply};
+use chat_protocol::peer::{Reply, ToDirectory, ToHub};
 use chat_protocol::{ErrorCode, NodeName, UserName};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
 
-use crate::cluster::Cluster;
+use crate::actors::{Tasks, forward};
+use crate::clock::now_ms;
+use crate::cluster::Views;
 use crate::cluster::view::View;
-use crate::rooms::room::now_ms;
+use crate::net::Net;
 
 /// The Directory actor.
 #[derive(Debug)]
@@ -24,15 +26,16 @@ pub struct Directory;
 /// Messages of the directory.
 #[derive(Debug, RactorMessage)]
 pub enum DirectoryMessage {
-    /// `Presences` and `Direct` from a hub.
-    Peer(PeerMessage),
+    /// Messages from hubs.
+    Peer(ToDirectory),
     /// The view changed.
     ViewChanged(Arc<View>),
 }
 
 /// The directory's state.
 pub struct DirectoryState {
-    cluster: Cluster,
+    net: Net,
+    _tasks: Tasks,
     view: Arc<View>,
     nodes: HashMap<UserName, BTreeSet<NodeName>>,
 }
@@ -40,27 +43,37 @@ pub struct DirectoryState {
 impl Actor for Directory {
     type Msg = DirectoryMessage;
     type State = DirectoryState;
-    type Arguments = Cluster;
+    type Arguments = (Net, Views);
 
     async fn pre_start(
         &self,
         myself: ActorRef<DirectoryMessage>,
-        cluster: Cluster,
+        (net, views): (Net, Views),
     ) -> Result<DirectoryState, ActorProcessingErr> {
-        cluster.set_directory(myself);
+        let directory = myself.clone();
+        net.serve_directory(Box::new(move |m| {
+            directory.cast(DirectoryMessage::Peer(m)).is_ok()
+        }));
+        let mut tasks = Tasks::default();
+        tasks.add(forward(
+            views.clone(),
+            myself,
+            DirectoryMessage::ViewChanged,
+        ));
         // Starting (or restarting) empty: every hub announces the users homed here again.
-        let view = cluster.view();
+        let view = views.borrow().clone();
         for node in view.up() {
-            let _ = cluster.send(
+            let _ = net.to_hub(
                 node,
-                PeerMessage::Reannounce {
-                    node: cluster.me().clone(),
+                ToHub::Reannounce {
+                    node: net.me().clone(),
                 },
             );
         }
         Ok(DirectoryState {
-            view: cluster.view(),
-            cluster,
+            view,
+            net,
+            _tasks: tasks,
             nodes: HashMap::new(),
         })
     }
@@ -72,7 +85,7 @@ impl Actor for Directory {
         state: &mut DirectoryState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            DirectoryMessage::Peer(PeerMessage::Presences {
+            DirectoryMessage::Peer(ToDirectory::Presences {
                 node,
                 online,
                 offline,
@@ -89,7 +102,7 @@ impl Actor for Directory {
                     }
                 }
             }
-            DirectoryMessage::Peer(PeerMessage::Direct {
+            DirectoryMessage::Peer(ToDirectory::Direct {
                 origin,
                 from,
                 to,
@@ -111,9 +124,9 @@ impl Actor for Directory {
                 } else {
                     let ts = now_ms();
                     for node in &targets {
-                        let _ = state.cluster.send(
+                        let _ = state.net.to_hub(
                             node,
-                            PeerMessage::DeliverDirect {
+                            ToHub::DeliverDirect {
                                 to: to.clone(),
                                 from: from.clone(),
                                 text: text.clone(),
@@ -123,27 +136,24 @@ impl Actor for Directory {
                     }
                     Reply::DirectSent
                 };
-                let _ = state.cluster.send(
+                let _ = state.net.to_hub(
                     &origin.node,
-                    PeerMessage::Reply {
+                    ToHub::Reply {
                         req: origin.req,
                         reply,
                     },
                 );
             }
-            DirectoryMessage::Peer(PeerMessage::SessionsReset { node }) => {
+            DirectoryMessage::Peer(ToDirectory::SessionsReset { node }) => {
                 state.nodes.retain(|_, nodes| {
                     nodes.remove(&node);
                     !nodes.is_empty()
                 });
             }
-            DirectoryMessage::Peer(other) => {
-                tracing::warn!(kind = other.kind(), "directory got an unexpected message");
-            }
             DirectoryMessage::ViewChanged(view) => {
                 // Forget nodes that went down, and users who no longer live here (their new
                 // home hears from the hubs).
-                let me = state.cluster.me().clone();
+                let me = state.net.me().clone();
                 state.nodes.retain(|user, nodes| {
                     nodes.retain(|n| view.is_up(n));
                     !nodes.is_empty() && view.home(user) == Some(&me)

@@ -10,12 +10,14 @@
 //! - [`http`]: the server, routing, upgrade, connection limits.
 //! - [`session`]: the Session actor.
 //! - [`sessions`]: the supervisor of sessions and its policy.
-//! - [`socket`]: reader and writer tasks, the bounded outbox, close codes.
+//! - [`socket`]: the reader and writer tasks of a connection.
+//! - [`outbox`]: the bounded queue towards a client, and the close codes.
 //! - [`auth`]: HS256 token verification.
 //! - [`rate`]: the per-connection token bucket.
 
 pub mod auth;
 pub mod http;
+pub mod outbox;
 pub mod rate;
 pub mod session;
 pub mod sessions;

@@ -19,16 +19,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chat_protocol::client::{ErrorFrame, MessageView, Ref, ServerFrame};
-use chat_protocol::peer::{Entry, Origin, PeerMessage, Reply, RoomOp, SessionId};
+use chat_protocol::peer::{
+    Entry, Origin, PeerMessage, Reply, RoomOp, SessionId, ToDirectory, ToHub, ToRoom, ToRooms,
+};
 use chat_protocol::{ErrorCode, NodeName, PresenceEvent, RoomId, UserName};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::cluster::Cluster;
+use crate::actors::{Tasks, forward};
+use crate::cluster::Views;
 use crate::cluster::view::View;
-use crate::gateway::session::SessionMessage;
-use crate::gateway::socket::{Closing, Outbox};
+use crate::gateway::outbox::{Closing, Outbox};
+use crate::net::Net;
 
 /// How often pending requests are checked against their deadline.
 const TICK: Duration = Duration::from_millis(250);
@@ -40,8 +43,10 @@ pub struct Hub;
 /// What the hub needs.
 #[derive(Debug)]
 pub struct HubArgs {
-    /// Messaging and view.
-    pub cluster: Cluster,
+    /// The node-to-node layer.
+    pub net: Net,
+    /// The cluster view.
+    pub views: Views,
     /// How long a request may wait for its reply.
     pub request_timeout: Duration,
 }
@@ -78,8 +83,6 @@ pub enum HubMessage {
         user: UserName,
         /// Its outbox.
         outbox: Outbox,
-        /// Its actor.
-        actor: ActorRef<SessionMessage>,
     },
     /// A connection closed.
     Unregister {
@@ -98,7 +101,7 @@ pub enum HubMessage {
         received: Instant,
     },
     /// Replies and events from the cluster.
-    Peer(PeerMessage),
+    Peer(ToHub),
     /// The view changed.
     ViewChanged(Arc<View>),
     /// Closes every connection (shutdown, or the hub's own restart).
@@ -110,7 +113,6 @@ pub enum HubMessage {
 struct LocalSession {
     user: UserName,
     outbox: Outbox,
-    actor: ActorRef<SessionMessage>,
     rooms: HashSet<RoomId>,
 }
 
@@ -150,7 +152,8 @@ struct Pending {
 
 /// The hub's state.
 pub struct HubState {
-    cluster: Cluster,
+    net: Net,
+    _tasks: Tasks,
     request_timeout: Duration,
     view: Arc<View>,
     next_req: u64,
@@ -170,22 +173,32 @@ impl Actor for Hub {
         myself: ActorRef<HubMessage>,
         args: HubArgs,
     ) -> Result<HubState, ActorProcessingErr> {
-        args.cluster.set_hub(myself.clone());
+        let hub = myself.clone();
+        args.net
+            .serve_hub(Box::new(move |m| hub.cast(HubMessage::Peer(m)).is_ok()));
+        let mut tasks = Tasks::default();
+        tasks.add(forward(
+            args.views.clone(),
+            myself.clone(),
+            HubMessage::ViewChanged,
+        ));
         myself.send_interval(TICK, || HubMessage::Tick);
         // Starting empty: whatever rooms and directories hold about this node's connections
         // (from before a restart of the hub or of the node) is stale.
-        let view = args.cluster.view();
+        let view = args.views.borrow().clone();
+        let me = args.net.me().clone();
         for node in view.up() {
-            let _ = args.cluster.send(
-                node,
-                PeerMessage::SessionsReset {
-                    node: args.cluster.me().clone(),
-                },
-            );
+            let _ = args
+                .net
+                .to_rooms(node, ToRooms::SessionsReset { node: me.clone() });
+            let _ = args
+                .net
+                .to_directory(node, ToDirectory::SessionsReset { node: me.clone() });
         }
         Ok(HubState {
-            view: args.cluster.view(),
-            cluster: args.cluster,
+            view,
+            net: args.net,
+            _tasks: tasks,
             request_timeout: args.request_timeout,
             next_req: 1,
             sessions: HashMap::new(),
@@ -215,8 +228,7 @@ impl Actor for Hub {
                 session,
                 user,
                 outbox,
-                actor,
-            } => state.register(session, user, outbox, actor),
+            } => state.register(session, user, outbox),
             HubMessage::Unregister { session } => state.unregister(session),
             HubMessage::Request {
                 session,
@@ -235,16 +247,10 @@ impl Actor for Hub {
 
 impl HubState {
     fn me(&self) -> &NodeName {
-        self.cluster.me()
+        self.net.me()
     }
 
-    fn register(
-        &mut self,
-        session: SessionId,
-        user: UserName,
-        outbox: Outbox,
-        actor: ActorRef<SessionMessage>,
-    ) {
+    fn register(&mut self, session: SessionId, user: UserName, outbox: Outbox) {
         let sessions = self.users.entry(user.clone()).or_default();
         let first = sessions.is_empty();
         sessions.insert(session);
@@ -253,7 +259,6 @@ impl HubState {
             LocalSession {
                 user: user.clone(),
                 outbox,
-                actor,
                 rooms: HashSet::new(),
             },
         );
@@ -277,8 +282,7 @@ impl HubState {
                 self.rooms.remove(room);
             }
             // Nobody waits for this reply (req 0).
-            let leave = PeerMessage::Room {
-                room: room.clone(),
+            let leave = ToRoom::Request {
                 origin: Origin {
                     node: self.me().clone(),
                     req: 0,
@@ -290,7 +294,7 @@ impl HubState {
                 hops: 0,
             };
             if let Some(owner) = owner.or_else(|| self.view.owner(room).cloned()) {
-                let _ = self.cluster.send(&owner, leave);
+                let _ = self.net.to_room(&owner, room.clone(), leave);
             }
         }
         self.pending.retain(|_, p| p.session != session);
@@ -318,9 +322,9 @@ impl HubState {
         }
         for (home, (online, offline)) in by_home {
             for chunk in online.chunks(10_000) {
-                let _ = self.cluster.send(
+                let _ = self.net.to_directory(
                     &home,
-                    PeerMessage::Presences {
+                    ToDirectory::Presences {
                         node: self.me().clone(),
                         online: chunk.to_vec(),
                         offline: Vec::new(),
@@ -328,9 +332,9 @@ impl HubState {
                 );
             }
             if !offline.is_empty() {
-                let _ = self.cluster.send(
+                let _ = self.net.to_directory(
                     &home,
-                    PeerMessage::Presences {
+                    ToDirectory::Presences {
                         node: self.me().clone(),
                         online: Vec::new(),
                         offline,
@@ -347,7 +351,21 @@ impl HubState {
         request: HubRequest,
         received: Instant,
     ) {
-        if !self.sessions.contains_key(&session) {
+        let Some(local) = self.sessions.get(&session) else {
+            return;
+        };
+        if let HubRequest::Room {
+            room,
+            op: RoomOp::Publish { .. },
+        } = &request
+            && !local.rooms.contains(room)
+        {
+            self.error(
+                session,
+                reference.as_deref(),
+                ErrorCode::NotJoined,
+                "join the room before sending to it",
+            );
             return;
         }
         let req = self.next_req;
@@ -392,12 +410,14 @@ impl HubState {
                     }
                     _ => Kind::Other,
                 };
-                let message = PeerMessage::Room {
+                let message = PeerMessage::Rooms(ToRooms::Room {
                     room,
-                    origin,
-                    op,
-                    hops: 0,
-                };
+                    message: ToRoom::Request {
+                        origin,
+                        op,
+                        hops: 0,
+                    },
+                });
                 (owner, message, kind)
             }
             HubRequest::Direct { from, to, text } => {
@@ -410,12 +430,12 @@ impl HubState {
                     );
                     return;
                 };
-                let message = PeerMessage::Direct {
+                let message = PeerMessage::Directory(ToDirectory::Direct {
                     origin,
                     from,
                     to,
                     text,
-                };
+                });
                 (home, message, Kind::Other)
             }
         };
@@ -429,7 +449,7 @@ impl HubState {
                 received,
             },
         );
-        if self.cluster.send(&target, message).is_err() {
+        if self.net.send(&target, message).is_err() {
             self.fail(
                 req,
                 ErrorCode::Unavailable,
@@ -438,12 +458,12 @@ impl HubState {
         }
     }
 
-    fn peer(&mut self, message: PeerMessage) {
+    fn peer(&mut self, message: ToHub) {
         match message {
-            PeerMessage::Reply { req, reply } => self.reply(req, reply),
-            PeerMessage::Fanout { room, entries } => self.fanout(&room, &entries),
-            PeerMessage::Presence { room, user, event } => self.presence(&room, &user, event),
-            PeerMessage::DeliverDirect { to, from, text, ts } => {
+            ToHub::Reply { req, reply } => self.reply(req, reply),
+            ToHub::Fanout { room, entries } => self.fanout(&room, &entries),
+            ToHub::Presence { room, user, event } => self.presence(&room, &user, event),
+            ToHub::DeliverDirect { to, from, text, ts } => {
                 let frame = Utf8Bytes::from(
                     ServerFrame::Direct {
                         from: from.as_str(),
@@ -458,7 +478,7 @@ impl HubState {
                     }
                 }
             }
-            PeerMessage::Reannounce { node } => {
+            ToHub::Reannounce { node } => {
                 let users: Vec<UserName> = self
                     .users
                     .keys()
@@ -467,13 +487,12 @@ impl HubState {
                     .collect();
                 self.announce(users, Vec::new());
             }
-            PeerMessage::RoomActive { room, owner } => {
+            ToHub::RoomActive { room, owner } => {
                 if let Some(lr) = self.rooms.get_mut(&room) {
                     lr.owner = Some(owner.clone());
                 }
                 self.subscribe(&room);
             }
-            other => tracing::warn!(kind = other.kind(), "hub got an unexpected message"),
         }
     }
 
@@ -549,7 +568,7 @@ impl HubState {
                 if let Kind::Join(room) = &pending.kind {
                     self.join_failed(room, pending.session);
                 }
-                self.cluster.metrics().error(code);
+                self.net.metrics().error(code);
                 ServerFrame::Error(ErrorFrame {
                     reference,
                     code,
@@ -592,7 +611,6 @@ impl HubState {
         }
         if let Some(local) = self.sessions.get_mut(&session) {
             local.rooms.remove(room);
-            let _ = local.actor.cast(SessionMessage::JoinFailed(room.clone()));
         }
     }
 
@@ -676,10 +694,10 @@ impl HubState {
             .collect();
         lr.owner = Some(owner.clone());
         lr.resyncing = true;
-        let _ = self.cluster.send(
+        let _ = self.net.to_room(
             &owner,
-            PeerMessage::Subscribe {
-                room: room.clone(),
+            room.clone(),
+            ToRoom::Subscribe {
                 node: me,
                 cursor,
                 sessions,
@@ -775,7 +793,7 @@ impl HubState {
         message: &str,
     ) {
         if let Some(local) = self.sessions.get(&session) {
-            self.cluster.metrics().error(code);
+            self.net.metrics().error(code);
             local.outbox.push_text(
                 ServerFrame::Error(ErrorFrame {
                     reference,

@@ -4,25 +4,31 @@
 //! for it by consistent hashing over the live members, which sequences its messages and
 //! replicates its log to the next nodes on the ring before acknowledging them.
 //!
-//! Map of the parts:
-//! - [`settings`]: layered configuration (defaults < file < `CHAT_*` env < flags).
-//! - [`gateway`]: HTTP + WebSocket on one port; one Session actor per connection.
-//! - [`hub`]: this node's connections: requests out, replies and fan-out in.
+//! Map of the parts, from the bottom up (each layer imports only the layers below it):
+//! - [`net`]: the node-to-node layer: sends typed peer messages to any node, encodes them (the
+//!   only place that does), the router peers message, the ractor_cluster sessions.
+//! - [`cluster`]: membership and failure detection over heartbeats, the view, placement (the
+//!   ring), and the supervisor of the cluster-mode actors.
+//! - [`store`]: the redb database of room logs, with a group-committing writer thread.
 //! - [`rooms`]: Room actors (owner side), the log keeper (replica side), the pure log rules.
 //! - [`directory`]: where users are connected, for `direct`.
-//! - [`cluster`]: membership and failure detection, placement (the ring), node-to-node messaging.
-//! - [`store`]: the redb database of room logs, with a group-committing writer thread.
+//! - [`hub`]: this node's connections: requests out, replies and fan-out in.
+//! - [`gateway`]: HTTP + WebSocket on one port; one Session actor per connection.
 //! - [`supervisor`]: the root supervisor and the restart policy.
-//! - [`metrics`], [`telemetry`]: Prometheus metrics and logs.
+//! - [`settings`], [`metrics`], [`telemetry`], [`clock`], [`actors`]: configuration, Prometheus
+//!   metrics, logs, wall-clock time, helpers shared by actor shells.
 //!
 //! [`start_node`] starts everything and returns a [`NodeHandle`]; the binary and the tests use
 //! it alike.
 
+pub mod actors;
+pub mod clock;
 pub mod cluster;
 pub mod directory;
 pub mod gateway;
 pub mod hub;
 pub mod metrics;
+pub mod net;
 pub mod rooms;
 pub mod settings;
 pub mod store;
@@ -30,6 +36,7 @@ pub mod supervisor;
 pub mod telemetry;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -38,16 +45,17 @@ use ractor::{Actor, ActorRef};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::actors::Slot;
 use crate::cluster::detector::DetectorConfig;
 use crate::cluster::view::View;
-use crate::cluster::{Cluster, ClusterConfig, ClusterNode};
+use crate::cluster::{ClusterArgs, ClusterConfig, Views};
 use crate::gateway::auth::Verifier;
-use crate::gateway::http::{Gateway, GatewayConfig};
+use crate::gateway::http::{Gateway, GatewayConfig, GatewayLinks};
+use crate::gateway::outbox::Closing;
 use crate::gateway::session::Limits;
-use crate::gateway::socket::Closing;
-use crate::hub::HubMessage;
+use crate::gateway::sessions::SessionsMessage;
 use crate::metrics::Metrics;
-use crate::rooms::host::HostMessage;
+use crate::net::Net;
 use crate::rooms::room::RoomConfig;
 use crate::settings::Settings;
 use crate::store::{Store, Writer};
@@ -56,12 +64,14 @@ use crate::supervisor::{Root, RootArgs, RootMessage};
 /// A running node.
 pub struct NodeHandle {
     http_addr: SocketAddr,
-    cluster: Cluster,
+    cluster_addr: Option<SocketAddr>,
+    views: Views,
+    metrics: Metrics,
     serving: watch::Sender<bool>,
     stop: watch::Sender<bool>,
     root: ActorRef<RootMessage>,
     root_done: Option<tokio::task::JoinHandle<()>>,
-    cluster_node: Option<ClusterNode>,
+    sessions: Slot<SessionsMessage>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
     grace: Duration,
 }
@@ -97,11 +107,38 @@ pub async fn start_node(settings: Settings) -> anyhow::Result<NodeHandle> {
             .unwrap_or_else(|| http_addr.to_string()),
         settings.public_url.clone(),
     );
-    if settings.cluster_listen.is_some() {
+    let net = Net::new(me.clone(), metrics.clone());
+    let mut cluster = None;
+    let mut cluster_addr = None;
+    if let (Some(listen), Some(cookie)) = (&settings.cluster_listen, &settings.cookie) {
         // In cluster mode nothing is written before the membership finds a quorum.
         view = View::new(me.clone(), view.members.clone(), false, 0);
+        let socket = cluster::bind(listen).await?;
+        cluster_addr = Some(socket.local_addr()?);
+        cluster = Some(ClusterConfig {
+            advertise: settings
+                .advertised_cluster_addr()
+                .unwrap_or_else(|| listen.clone()),
+            seeds: settings.seeds.clone(),
+            cookie: cookie.clone(),
+            public_url: settings.public_url.clone(),
+            detector: DetectorConfig {
+                interval: Duration::from_millis(settings.heartbeat_interval_ms),
+                failure_timeout: Duration::from_millis(settings.failure_timeout_ms),
+                bootstrap_expect: settings.bootstrap_expect,
+            },
+        })
+        .map(|config| (config, socket));
     }
-    let cluster = Cluster::new(me.clone(), metrics.clone(), view);
+    let (views_tx, views) = watch::channel(Arc::new(view));
+    let cluster = cluster.map(|(config, socket)| ClusterArgs {
+        net: net.clone(),
+        views: views_tx.clone(),
+        config,
+        socket,
+        store: store.clone(),
+        writer: writer.clone(),
+    });
 
     let room = RoomConfig {
         replication_factor: settings.replication_factor,
@@ -109,40 +146,25 @@ pub async fn start_node(settings: Settings) -> anyhow::Result<NodeHandle> {
         idle: Duration::from_millis(settings.room_idle_ms),
         queue_timeout: Duration::from_millis(settings.request_timeout_ms * 4 / 5),
     };
+    let hub = Slot::default();
+    let sessions = Slot::default();
     let root_args = RootArgs {
-        cluster: cluster.clone(),
+        net: net.clone(),
+        views: views.clone(),
+        cluster,
         store: store.clone(),
         writer: writer.clone(),
         room,
         request_timeout: Duration::from_millis(settings.request_timeout_ms),
+        hub: hub.clone(),
+        sessions: sessions.clone(),
     };
     let (root, root_done) = Actor::spawn(None, Root, root_args)
         .await
         .context("starting the node's actors")?;
-
-    let cluster_node = match (&settings.cluster_listen, &settings.cookie) {
-        (Some(listen), Some(cookie)) => {
-            let config = ClusterConfig {
-                listen: listen.clone(),
-                advertise: settings
-                    .advertised_cluster_addr()
-                    .unwrap_or_else(|| listen.clone()),
-                seeds: settings.seeds.clone(),
-                cookie: cookie.clone(),
-                public_url: settings.public_url.clone(),
-                detector: DetectorConfig {
-                    interval: Duration::from_millis(settings.heartbeat_interval_ms),
-                    failure_timeout: Duration::from_millis(settings.failure_timeout_ms),
-                    bootstrap_expect: settings.bootstrap_expect,
-                },
-            };
-            let node = cluster::start(&cluster, config, &store, &writer).await?;
-            tracing::info!(cluster = %node.addr, seeds = ?settings.seeds, "cluster mode");
-            Some(node)
-        }
-        _ => None,
-    };
     drop(writer);
+    // Single-node mode: nobody publishes another view (receivers keep the last one).
+    drop(views_tx);
 
     let (serving, serving_rx) = watch::channel(false);
     let (stop, stop_rx) = watch::channel(false);
@@ -157,19 +179,28 @@ pub async fn start_node(settings: Settings) -> anyhow::Result<NodeHandle> {
         verifier: settings.auth_secret.as_deref().map(Verifier::new),
         replication_factor: settings.replication_factor,
     };
-    let gateway = Gateway::new(gateway_config, cluster.clone(), serving_rx);
+    let links = GatewayLinks {
+        me: me.clone(),
+        metrics: metrics.clone(),
+        views: views.clone(),
+        hub,
+        sessions: sessions.clone(),
+    };
+    let gateway = Gateway::new(gateway_config, links, serving_rx);
     tokio::spawn(gateway::http::serve(listener, gateway, stop_rx));
     serving.send_replace(true);
     tracing::info!(node = %me, http = %http_addr, data_dir = %settings.data_dir.display(), "node serving");
 
     Ok(NodeHandle {
         http_addr,
-        cluster,
+        cluster_addr,
+        views,
+        metrics,
         serving,
         stop,
         root,
         root_done: Some(root_done),
-        cluster_node,
+        sessions,
         writer_thread: Some(writer_thread),
         grace: Duration::from_millis(settings.shutdown_grace_ms),
     })
@@ -183,19 +214,27 @@ impl NodeHandle {
 
     /// The bound node-to-node address, in cluster mode.
     pub fn cluster_addr(&self) -> Option<SocketAddr> {
-        self.cluster_node.as_ref().map(|c| c.addr)
+        self.cluster_addr
     }
 
-    /// The node's cluster handle.
-    pub fn cluster(&self) -> &Cluster {
-        &self.cluster
+    /// The node's current view of the cluster.
+    pub fn view(&self) -> Arc<View> {
+        self.views.borrow().clone()
     }
 
     /// Makes the actor of `room` panic, if this node runs it (tests of the restart policy).
     pub fn crash_room(&self, room: &RoomId) {
-        if let Some(host) = self.cluster.host() {
-            let _ = host.cast(HostMessage::Crash(room.clone()));
-        }
+        let _ = self.root.cast(RootMessage::CrashRoom(room.clone()));
+    }
+
+    /// The supervisor of this node's sessions (tests of the restart policy).
+    pub fn sessions(&self) -> Option<ActorRef<SessionsMessage>> {
+        self.sessions.get()
+    }
+
+    /// Makes the supervisor of the cluster-mode actors fail (tests of the restart policy).
+    pub fn crash_cluster(&self) {
+        let _ = self.root.cast(RootMessage::CrashCluster);
     }
 
     /// Makes the hub fail (tests of the restart policy).
@@ -205,19 +244,8 @@ impl NodeHandle {
 
     /// Waits until the node's actors stop by themselves (repeated failures).
     pub async fn stopped(&mut self) {
-        let Some(done) = self.root_done.as_mut() else {
-            return;
-        };
-        match self.cluster_node.as_mut() {
-            Some(cluster) => {
-                tokio::select! {
-                    _ = done => {}
-                    () = cluster.stopped() => {}
-                }
-            }
-            None => {
-                let _ = done.await;
-            }
+        if let Some(done) = self.root_done.as_mut() {
+            let _ = done.await;
         }
         self.root_done = None;
     }
@@ -228,16 +256,15 @@ impl NodeHandle {
         tracing::info!("shutting down");
         self.serving.send_replace(false);
         self.stop.send_replace(true);
-        if let Some(cluster) = &self.cluster_node {
-            // Peers drop this node at once and take its rooms over, instead of waiting for
-            // the failure timeout.
-            cluster.leave().await;
-        }
-        if let Some(hub) = self.cluster.hub() {
-            let _ = hub.cast(HubMessage::CloseAll(Closing::Shutdown));
-        }
+        // Peers drop this node at once and take its rooms over, instead of waiting for the
+        // failure timeout.
+        let _ = self
+            .root
+            .call(RootMessage::Leave, Some(Duration::from_secs(2)))
+            .await;
+        let _ = self.root.cast(RootMessage::CloseAll(Closing::Shutdown));
         let deadline = Instant::now() + self.grace;
-        while self.cluster.metrics().connections.get() > 0 && Instant::now() < deadline {
+        while self.metrics.connections.get() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = self
@@ -246,9 +273,6 @@ impl NodeHandle {
             .await;
         if let Some(done) = self.root_done.take() {
             let _ = tokio::time::timeout(self.grace, done).await;
-        }
-        if let Some(cluster) = self.cluster_node.take() {
-            cluster.stop().await;
         }
         if let Some(thread) = self.writer_thread.take() {
             // The writer commits what is queued, then ends once its last handle is dropped.

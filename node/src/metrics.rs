@@ -101,6 +101,8 @@ pub struct Inner {
     pub quorum: Gauge,
     /// Room ownership claims, by result (`won`, `refused`, `failed`).
     pub room_claims: Family<KindLabel, Counter>,
+    /// Restarts of the node's long-lived actors by the root supervisor, by actor.
+    pub actor_restarts: Family<KindLabel, Counter>,
     /// Store transactions committed.
     pub store_commits: Counter,
     /// Writes per store transaction (group commit).
@@ -236,6 +238,12 @@ impl Metrics {
             "Room ownership claims, by result",
             room_claims.clone(),
         );
+        let actor_restarts = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "actor_restarts",
+            "Restarts of the node's long-lived actors, by actor",
+            actor_restarts.clone(),
+        );
         let store_commits = Counter::default();
         registry.register(
             "store_commits",
@@ -274,6 +282,7 @@ impl Metrics {
                 members,
                 quorum,
                 room_claims,
+                actor_restarts,
                 store_commits,
                 store_batch,
                 store_commit_seconds,

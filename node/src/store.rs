@@ -76,6 +76,16 @@ pub enum Write {
     },
 }
 
+impl Write {
+    /// Records `value` as the fact `key` about this node.
+    pub fn node<T: serde::Serialize>(key: &'static str, value: &T) -> Result<Write, StoreError> {
+        Ok(Write::Node {
+            key,
+            value: encode(value)?,
+        })
+    }
+}
+
 /// The completion of a write: called on the writer thread once the write is durable (or failed).
 pub type Done = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 

@@ -6,11 +6,14 @@
 //!   ├── Directory                 where the users homed here are connected
 //!   ├── RoomHost ── Room*         rooms this node owns (policy in rooms::host)
 //!   ├── Hub                       this node's connections: requests, replies, fan-out
-//!   └── Sessions ── Session*      one per WebSocket (policy in gateway::sessions)
+//!   ├── Sessions ── Session*      one per WebSocket (policy in gateway::sessions)
+//!   └── Cluster ── NodeServer, Router, Links, Membership   (cluster mode; policy in cluster)
 //! ```
 //!
 //! Policy, decided here only:
-//! - any child that stops or fails is started again, with the same arguments;
+//! - any child that stops or fails is started again, with the same arguments; a child that
+//!   fails to start (a port its old instance still held, say) is tried again after
+//!   [`RETRY_START_AFTER`];
 //! - when the Hub fails, every connection is closed first (1011): the hub held their outboxes
 //!   and subscriptions, so they could not be served; clients reconnect and resume with `since`;
 //! - the state of the others is rebuilt on start: the LogKeeper reads the store, the RoomHost
@@ -21,14 +24,19 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use chat_protocol::RoomId;
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use ractor_cluster::RactorMessage;
 
-use crate::cluster::Cluster;
+use crate::actors::Slot;
+use crate::cluster::{Cluster, ClusterArgs, ClusterMessage, Views};
 use crate::directory::Directory;
-use crate::gateway::sessions::Sessions;
-use crate::hub::{Hub, HubArgs};
-use crate::rooms::host::{HostArgs, RoomHost};
+use crate::gateway::outbox::Closing;
+use crate::gateway::sessions::{Sessions, SessionsMessage};
+use crate::hub::{Hub, HubArgs, HubMessage};
+use crate::metrics::Metrics;
+use crate::net::Net;
+use crate::rooms::host::{HostArgs, HostMessage, RoomHost};
 use crate::rooms::keeper::{KeeperArgs, LogKeeper};
 use crate::rooms::room::RoomConfig;
 use crate::store::{Store, Writer};
@@ -37,6 +45,8 @@ use crate::store::{Store, Writer};
 pub const MAX_RESTARTS: usize = 10;
 /// The window over which restarts are counted.
 pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
+/// How long before a child that failed to start is tried again.
+pub const RETRY_START_AFTER: Duration = Duration::from_millis(500);
 
 /// The root supervisor.
 #[derive(Debug)]
@@ -45,8 +55,12 @@ pub struct Root;
 /// What the root needs to start its children.
 #[derive(Debug, Clone)]
 pub struct RootArgs {
-    /// Messaging and view.
-    pub cluster: Cluster,
+    /// The node-to-node layer.
+    pub net: Net,
+    /// The cluster view.
+    pub views: Views,
+    /// Cluster mode, if configured.
+    pub cluster: Option<ClusterArgs>,
     /// The store.
     pub store: Store,
     /// The store writer.
@@ -55,16 +69,40 @@ pub struct RootArgs {
     pub room: RoomConfig,
     /// How long a request may wait for its reply.
     pub request_timeout: Duration,
+    /// Where the current hub is published (for the gateway).
+    pub hub: Slot<HubMessage>,
+    /// Where the current supervisor of sessions is published (for the gateway).
+    pub sessions: Slot<SessionsMessage>,
 }
 
 /// The children of the root.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Child {
+pub enum Child {
+    /// The log keeper.
     Keeper,
+    /// The directory.
     Directory,
+    /// The room host (and its rooms).
     Host,
+    /// The hub.
     Hub,
+    /// The supervisor of sessions.
     Sessions,
+    /// The supervisor of the cluster-mode actors.
+    Cluster,
+}
+
+impl Child {
+    fn label(self) -> &'static str {
+        match self {
+            Child::Keeper => "keeper",
+            Child::Directory => "directory",
+            Child::Host => "host",
+            Child::Hub => "hub",
+            Child::Sessions => "sessions",
+            Child::Cluster => "cluster",
+        }
+    }
 }
 
 /// The root's state.
@@ -72,6 +110,8 @@ pub struct RootState {
     args: RootArgs,
     children: HashMap<ActorId, Child>,
     restarts: VecDeque<Instant>,
+    host: Option<ActorRef<HostMessage>>,
+    cluster: Option<ActorRef<ClusterMessage>>,
 }
 
 /// Messages of the root.
@@ -79,6 +119,16 @@ pub struct RootState {
 pub enum RootMessage {
     /// Makes a child fail (tests of the restart policy): the hub.
     CrashHub,
+    /// Makes the actor of a room fail, if this node runs it (tests of the restart policy).
+    CrashRoom(RoomId),
+    /// Makes the cluster supervisor fail (tests of the restart policy).
+    CrashCluster,
+    /// Closes every client connection (the node is stopping).
+    CloseAll(Closing),
+    /// Tells the cluster this node is leaving (graceful stop), then answers.
+    Leave(RpcReplyPort<()>),
+    /// Starts a child again whose previous start failed.
+    Retry(Child),
 }
 
 impl Actor for Root {
@@ -91,10 +141,13 @@ impl Actor for Root {
         myself: ActorRef<RootMessage>,
         args: RootArgs,
     ) -> Result<RootState, ActorProcessingErr> {
+        let cluster_mode = args.cluster.is_some();
         let mut state = RootState {
             args,
             children: HashMap::new(),
             restarts: VecDeque::new(),
+            host: None,
+            cluster: None,
         };
         for child in [
             Child::Keeper,
@@ -105,20 +158,47 @@ impl Actor for Root {
         ] {
             state.start(&myself, child).await?;
         }
+        if cluster_mode {
+            state.start(&myself, Child::Cluster).await?;
+        }
         Ok(state)
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<RootMessage>,
+        myself: ActorRef<RootMessage>,
         message: RootMessage,
         state: &mut RootState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
+            RootMessage::Retry(child) => state.restart(&myself, child).await?,
             RootMessage::CrashHub => {
-                if let Some(hub) = state.args.cluster.hub() {
+                if let Some(hub) = state.args.hub.get() {
                     hub.kill();
                 }
+            }
+            RootMessage::CrashRoom(room) => {
+                if let Some(host) = &state.host {
+                    let _ = host.cast(HostMessage::Crash(room));
+                }
+            }
+            RootMessage::CrashCluster => {
+                if let Some(cluster) = &state.cluster {
+                    cluster.kill();
+                }
+            }
+            RootMessage::CloseAll(why) => {
+                if let Some(hub) = state.args.hub.get() {
+                    let _ = hub.cast(HubMessage::CloseAll(why));
+                }
+            }
+            RootMessage::Leave(reply) => {
+                if let Some(cluster) = &state.cluster {
+                    let _ = cluster
+                        .call(ClusterMessage::Leave, Some(Duration::from_secs(1)))
+                        .await;
+                }
+                let _ = reply.send(());
             }
         }
         Ok(())
@@ -139,31 +219,45 @@ impl Actor for Root {
             return Ok(());
         };
         tracing::error!(?child, reason = ?failure, "node actor stopped; restarting");
-        let now = Instant::now();
-        state.restarts.push_back(now);
-        while state
-            .restarts
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
-        {
-            state.restarts.pop_front();
-        }
-        if state.restarts.len() > MAX_RESTARTS {
-            return Err(
-                format!("{MAX_RESTARTS} restarts within {RESTART_WINDOW:?}; giving up").into(),
-            );
-        }
         if child == Child::Hub
-            && let Some(sessions) = state.args.cluster.sessions()
+            && let Some(sessions) = state.args.sessions.get()
         {
             // Their outboxes and rooms died with the hub: close them so clients resume.
             sessions.stop_children(Some("hub restarted".into()));
         }
-        state.start(&myself, child).await
+        state.restart(&myself, child).await
     }
 }
 
 impl RootState {
+    /// Starts `child` again, within the restart budget; a failed start is retried later.
+    async fn restart(
+        &mut self,
+        myself: &ActorRef<RootMessage>,
+        child: Child,
+    ) -> Result<(), ActorProcessingErr> {
+        Metrics::count(&self.args.net.metrics().actor_restarts, child.label());
+        let now = Instant::now();
+        self.restarts.push_back(now);
+        while self
+            .restarts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
+        {
+            self.restarts.pop_front();
+        }
+        if self.restarts.len() > MAX_RESTARTS {
+            return Err(
+                format!("{MAX_RESTARTS} restarts within {RESTART_WINDOW:?}; giving up").into(),
+            );
+        }
+        if let Err(e) = self.start(myself, child).await {
+            tracing::error!(?child, error = %e, "node actor failed to start; trying again");
+            myself.send_after(RETRY_START_AFTER, move || RootMessage::Retry(child));
+        }
+        Ok(())
+    }
+
     async fn start(
         &mut self,
         myself: &ActorRef<RootMessage>,
@@ -174,7 +268,7 @@ impl RootState {
         let id = match child {
             Child::Keeper => {
                 let args = KeeperArgs {
-                    cluster: a.cluster.clone(),
+                    net: a.net.clone(),
                     store: a.store.clone(),
                     writer: a.writer.clone(),
                 };
@@ -183,33 +277,47 @@ impl RootState {
                     .0
                     .get_id()
             }
-            Child::Directory => Actor::spawn_linked(None, Directory, a.cluster.clone(), cell)
-                .await?
-                .0
-                .get_id(),
-            Child::Host => {
-                let args = HostArgs {
-                    cluster: a.cluster.clone(),
-                    store: a.store.clone(),
-                    config: a.room.clone(),
-                };
-                Actor::spawn_linked(None, RoomHost, args, cell)
+            Child::Directory => {
+                let args = (a.net.clone(), a.views.clone());
+                Actor::spawn_linked(None, Directory, args, cell)
                     .await?
                     .0
                     .get_id()
             }
+            Child::Host => {
+                let args = HostArgs {
+                    net: a.net.clone(),
+                    views: a.views.clone(),
+                    store: a.store.clone(),
+                    config: a.room.clone(),
+                };
+                let (host, _) = Actor::spawn_linked(None, RoomHost, args, cell).await?;
+                self.host = Some(host.clone());
+                host.get_id()
+            }
             Child::Hub => {
                 let args = HubArgs {
-                    cluster: a.cluster.clone(),
+                    net: a.net.clone(),
+                    views: a.views.clone(),
                     request_timeout: a.request_timeout,
                 };
-                Actor::spawn_linked(None, Hub, args, cell).await?.0.get_id()
+                let (hub, _) = Actor::spawn_linked(None, Hub, args, cell).await?;
+                a.hub.set(hub.clone());
+                hub.get_id()
             }
             Child::Sessions => {
                 let (actor, _) =
-                    Actor::spawn_linked(None, Sessions, a.cluster.metrics().clone(), cell).await?;
-                a.cluster.set_sessions(actor.get_cell());
+                    Actor::spawn_linked(None, Sessions, a.net.metrics().clone(), cell).await?;
+                a.sessions.set(actor.clone());
                 actor.get_id()
+            }
+            Child::Cluster => {
+                let Some(args) = a.cluster.clone() else {
+                    return Ok(());
+                };
+                let (cluster, _) = Actor::spawn_linked(None, Cluster, args, cell).await?;
+                self.cluster = Some(cluster.clone());
+                cluster.get_id()
             }
         };
         self.children.insert(id, child);

@@ -1,5 +1,6 @@
 //! The restart policy, tested in process (it needs the node's internals to inject failures):
-//! `rooms::host` for rooms, `gateway::sessions` for sessions, `supervisor` for the hub.
+//! `rooms::host` for rooms, `gateway::sessions` for sessions, `supervisor` for the hub and the
+//! cluster-mode actors.
 //!
 //! ractor's registries are process-wide, so only one in-process node runs at a time: every test
 //! holds [`SERIAL`] while its node runs, and shuts the node down before releasing it.
@@ -177,7 +178,7 @@ async fn a_crashed_session_closes_only_its_connection_with_1011() {
     let _serial = SERIAL.lock().await;
     let (node, _dir) = start().await;
     let addr = node.http_addr();
-    let sessions = node.cluster().sessions().expect("sessions supervisor");
+    let sessions = node.sessions().expect("sessions supervisor");
     let mut alice = Client::connect(addr, "alice").await;
     let alice_session = {
         let children = sessions.get_children();
@@ -325,4 +326,42 @@ async fn after_a_hub_crash_the_users_of_the_closed_connections_are_gone() {
         "who: {who}; direct to alice: {direct}"
     );
     assert_error(&direct, Some(json!("d")), "offline");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_cluster_supervisor_is_restarted_with_its_actors_and_the_node_serves_again() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
+    let mut settings = Settings::single_node();
+    settings.data_dir = dir.path().join("c1");
+    settings.cluster_listen = Some("127.0.0.1:0".into());
+    settings.cookie = Some("restart-policy".into());
+    let node = start_node(settings)
+        .await
+        .unwrap_or_else(|e| panic!("the node does not start: {e:#}"));
+    let addr = node.http_addr();
+    // A one-node cluster with no seeds forms alone.
+    wait_metric(addr, "chat_quorum", |v| v == 1.0).await;
+    let mut alice = Client::connect(addr, "alice").await;
+    alice.join("lobby", None).await;
+    assert_eq!(send_until_acked(&mut alice, "lobby", "m1", "m1").await, 1);
+
+    node.crash_cluster();
+    wait_metric(addr, r#"chat_actor_restarts_total{kind="cluster"}"#, |v| {
+        v == 1.0
+    })
+    .await;
+    // The restarted membership publishes a view with quorum again, and rooms keep serving.
+    wait_metric(addr, "chat_quorum", |v| v == 1.0).await;
+    assert_eq!(send_until_acked(&mut alice, "lobby", "m2", "m2").await, 2);
+    let text = metrics_text(addr).await;
+    for other in ["hub", "host", "keeper", "directory", "sessions"] {
+        let series = format!(r#"chat_actor_restarts_total{{kind="{other}"}}"#);
+        assert_eq!(
+            metric(&text, &series).unwrap_or(0.0),
+            0.0,
+            "only the cluster subtree restarted:\n{text}"
+        );
+    }
+    node.shutdown().await;
 }

@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// The first byte of every encoded payload; bumped when the encoding changes incompatibly.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 
 /// The largest encoded message, in bytes. Far below ractor_cluster's 16 MiB frame limit, where
 /// one oversized frame would drop the whole connection to a node.
@@ -72,26 +72,28 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
 mod tests {
     use super::*;
     use crate::ids::{NodeName, RoomId, UserName};
-    use crate::peer::{Entry, Origin, PeerMessage, RoomOp};
+    use crate::peer::{Entry, Origin, PeerMessage, RoomOp, ToHub, ToRoom, ToRooms};
 
     fn hex(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     fn publish() -> PeerMessage {
-        PeerMessage::Room {
+        PeerMessage::Rooms(ToRooms::Room {
             room: RoomId::new("lobby").unwrap(),
-            origin: Origin {
-                node: NodeName::new("n1").unwrap(),
-                req: 300,
+            message: ToRoom::Request {
+                origin: Origin {
+                    node: NodeName::new("n1").unwrap(),
+                    req: 300,
+                },
+                op: RoomOp::Publish {
+                    user: UserName::new("alice").unwrap(),
+                    text: "hi".into(),
+                    client_id: None,
+                },
+                hops: 0,
             },
-            op: RoomOp::Publish {
-                user: UserName::new("alice").unwrap(),
-                text: "hi".into(),
-                client_id: None,
-            },
-            hops: 0,
-        }
+        })
     }
 
     #[test]
@@ -99,9 +101,9 @@ mod tests {
         // Changing these bytes breaks mixed-version clusters: bump WIRE_VERSION when you must.
         assert_eq!(
             hex(&encode(&publish()).unwrap()),
-            "0100056c6f626279026e31fb2c010205616c6963650268690000"
+            "020000056c6f62627900026e31fb2c010205616c6963650268690000"
         );
-        let fanout = PeerMessage::Fanout {
+        let fanout = PeerMessage::Hub(ToHub::Fanout {
             room: RoomId::new("r").unwrap(),
             entries: vec![Entry {
                 seq: 58,
@@ -111,10 +113,10 @@ mod tests {
                 ts: 1_732_240_000_000,
                 client_id: Some("c1".into()),
             }],
-        };
+        });
         assert_eq!(
             hex(&encode(&fanout).unwrap()),
-            "01050172013a0303626f6202796ffd00c48c519301000001026331"
+            "0202010172013a0303626f6202796ffd00c48c519301000001026331"
         );
     }
 
@@ -145,7 +147,7 @@ mod tests {
             Err(CodecError::Malformed(_))
         ));
         // A length prefix claiming 2^60 entries must fail on the limit, not allocate.
-        let huge = [WIRE_VERSION, 4, 1, b'r', 0xff, 0, 0, 0, 0, 0, 0, 0x10, 0];
+        let huge = [WIRE_VERSION, 2, 1, 1, b'r', 0xff, 0, 0, 0, 0, 0, 0, 0x10, 0];
         assert!(decode::<PeerMessage>(&huge).is_err());
     }
 
@@ -153,7 +155,7 @@ mod tests {
     fn invalid_identifiers_from_a_peer_are_refused() {
         let mut bytes = encode(&publish()).unwrap();
         // "lobby" -> "lo by": the room id fails validation while decoding.
-        bytes[5] = b' ';
+        bytes[6] = b' ';
         assert!(matches!(
             decode::<PeerMessage>(&bytes),
             Err(CodecError::Malformed(_))
@@ -162,7 +164,7 @@ mod tests {
 
     #[test]
     fn oversized_messages_are_refused_at_encode() {
-        let message = PeerMessage::Fanout {
+        let message = PeerMessage::Hub(ToHub::Fanout {
             room: RoomId::new("r").unwrap(),
             entries: vec![
                 Entry {
@@ -175,7 +177,7 @@ mod tests {
                 };
                 9
             ],
-        };
+        });
         assert!(matches!(encode(&message), Err(CodecError::TooLarge(_))));
     }
 }

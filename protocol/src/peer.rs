@@ -1,10 +1,10 @@
 //! Node-to-node messages. Only these types cross nodes; `codec` is their one encoding.
 //!
-//! Messages are grouped by the actor that handles them on the receiving node:
-//! the room host (requests for rooms the receiver owns), the hub (replies and events for the
-//! receiver's sessions), the directory (where users are connected), the log keeper (the
-//! receiver's copy of room logs: promises, appends, fetches), and the membership service
-//! (heartbeats, over UDP).
+//! Messages are typed by the part of the receiving node that handles them: [`ToRooms`] (the
+//! rooms it owns; [`ToRoom`] for one room's actor), [`ToKeeper`] (its copies of room logs:
+//! promises, appends, fetches), [`ToHub`] (replies and events for its connections) and
+//! [`ToDirectory`] (where users are connected); [`Heartbeat`]s go to the membership service,
+//! over UDP. A receiver routes with one match and each part matches only its own messages.
 
 use serde::{Deserialize, Serialize};
 
@@ -185,14 +185,77 @@ pub struct Envelope {
     pub message: PeerMessage,
 }
 
-/// A message from one node to another.
+/// A message from one node to another, typed by the part of the receiver that handles it: the
+/// receiving node hands each variant's content to that part and to no other.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerMessage {
-    // ---- to the room host of the room's owner ----
-    /// A connection's request for a room.
+    /// For the receiver's rooms (its room host, which owns the room actors).
+    Rooms(ToRooms),
+    /// For the receiver's log keeper (its copies of room logs).
+    Keeper(ToKeeper),
+    /// For the receiver's hub (its client connections).
+    Hub(ToHub),
+    /// For the receiver's directory (where the users homed there are connected).
+    Directory(ToDirectory),
+    /// Flow control of the link itself: the receiver processed this many more bytes of what it
+    /// was sent.
+    Credit {
+        /// The processed bytes since the last credit.
+        bytes: u64,
+    },
+}
+
+impl PeerMessage {
+    /// The message's name, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PeerMessage::Rooms(m) => m.kind(),
+            PeerMessage::Keeper(m) => m.kind(),
+            PeerMessage::Hub(m) => m.kind(),
+            PeerMessage::Directory(m) => m.kind(),
+            PeerMessage::Credit { .. } => "credit",
+        }
+    }
+}
+
+/// Messages for the rooms of the receiving node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToRooms {
+    /// For the actor of one room, which the receiver owns (or is about to own).
     Room {
         /// The room.
         room: RoomId,
+        /// The message.
+        message: ToRoom,
+    },
+    /// Rooms the receiver owns under the current placement and should take over now.
+    Activate {
+        /// The rooms.
+        rooms: Vec<RoomId>,
+    },
+    /// The sender's hub (re)started empty: every connection it had is gone.
+    SessionsReset {
+        /// The sending node.
+        node: NodeName,
+    },
+}
+
+impl ToRooms {
+    /// The message's name, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ToRooms::Room { message, .. } => message.kind(),
+            ToRooms::Activate { .. } => "activate",
+            ToRooms::SessionsReset { .. } => "sessions_reset",
+        }
+    }
+}
+
+/// Messages for the owner of one room.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToRoom {
+    /// A connection's request.
+    Request {
         /// Where to send the reply.
         origin: Origin,
         /// What is asked.
@@ -200,12 +263,10 @@ pub enum PeerMessage {
         /// How many times the request was forwarded (a stale view forwards at most once).
         hops: u8,
     },
-    /// The sender's connections in a room, sent when the room's owner changed or the sender
+    /// The sender's connections in the room, sent when the room's owner changed or the sender
     /// missed messages: the owner replaces the sender's members with these and re-sends every
     /// message after `cursor`.
     Subscribe {
-        /// The room.
-        room: RoomId,
         /// The sending node.
         node: NodeName,
         /// The last sequence number the sender delivered.
@@ -213,20 +274,116 @@ pub enum PeerMessage {
         /// The sender's connections in the room.
         sessions: Vec<(SessionId, UserName)>,
     },
-    /// Rooms the receiver owns under the current placement and should take over now.
-    Activate {
-        /// The rooms.
-        rooms: Vec<RoomId>,
+    /// A log keeper's answer to [`ToKeeper::Promise`].
+    Promised {
+        /// The epoch that was asked for.
+        epoch: Epoch,
+        /// Whether the promise was given (false: a higher epoch was promised before).
+        granted: bool,
+        /// The answering node.
+        node: NodeName,
+        /// The answering node's log.
+        state: LogState,
     },
-    /// The sender now serves `room` (after a claim): nodes with members in it subscribe again.
-    RoomActive {
+    /// A log keeper's answer to [`ToKeeper::Append`], once the entries are durable.
+    Appended {
+        /// The epoch of the append.
+        epoch: Epoch,
+        /// The answering node.
+        node: NodeName,
+        /// Whether the entries were stored.
+        ok: bool,
+        /// The receiver's promised epoch.
+        promised: Epoch,
+        /// The receiver's last sequence number after the append.
+        last_seq: u64,
+    },
+    /// A log keeper's answer to [`ToKeeper::Fetch`]: a prefix of the wanted range (empty when
+    /// nothing is held).
+    Fetched {
+        /// The answering node.
+        node: NodeName,
+        /// The entries, ascending.
+        entries: Vec<Entry>,
+    },
+}
+
+impl ToRoom {
+    /// The message's name, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ToRoom::Request { .. } => "room",
+            ToRoom::Subscribe { .. } => "subscribe",
+            ToRoom::Promised { .. } => "promised",
+            ToRoom::Appended { .. } => "appended",
+            ToRoom::Fetched { .. } => "fetched",
+        }
+    }
+}
+
+/// Messages for the log keeper of a node holding (or about to hold) a copy of a room's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToKeeper {
+    /// A claimer asks the receiver to promise `epoch` for `room` and to report its log.
+    Promise {
         /// The room.
         room: RoomId,
-        /// Its owner.
-        owner: NodeName,
+        /// The claimed epoch.
+        epoch: Epoch,
+        /// The placement the claimer will use.
+        placement: Placement,
     },
+    /// The owner of `epoch` writes entries: the receiver drops what it holds after `after_seq`
+    /// (an unacknowledged suffix, or the same entries again), then stores `entries`, which start
+    /// at `after_seq + 1`.
+    Append {
+        /// The room.
+        room: RoomId,
+        /// The writer's epoch.
+        epoch: Epoch,
+        /// The placement of that epoch.
+        placement: Placement,
+        /// The entries follow this sequence number.
+        after_seq: u64,
+        /// The entries.
+        entries: Vec<Entry>,
+    },
+    /// Asks for the entries `from_seq..=to_seq` of a room (in bounded chunks).
+    Fetch {
+        /// The room.
+        room: RoomId,
+        /// Where to send the entries.
+        from: NodeName,
+        /// The first wanted sequence number.
+        from_seq: u64,
+        /// The last wanted sequence number.
+        to_seq: u64,
+    },
+}
 
-    // ---- to the hub of a node with connections ----
+impl ToKeeper {
+    /// The message's name, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ToKeeper::Promise { .. } => "promise",
+            ToKeeper::Append { .. } => "append",
+            ToKeeper::Fetch { .. } => "fetch",
+        }
+    }
+
+    /// The room the message is about.
+    pub fn room(&self) -> &RoomId {
+        match self {
+            ToKeeper::Promise { room, .. }
+            | ToKeeper::Append { room, .. }
+            | ToKeeper::Fetch { room, .. } => room,
+        }
+    }
+}
+
+/// Messages for the hub of a node with connections.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToHub {
     /// The reply to request `req` of the receiver.
     Reply {
         /// The request id from `Origin::req`.
@@ -261,20 +418,37 @@ pub enum PeerMessage {
         /// Milliseconds since the Unix epoch.
         ts: u64,
     },
-
-    /// The sender's hub (re)started empty: every connection it had is gone (to room hosts and
-    /// directories).
-    SessionsReset {
-        /// The sending node.
-        node: NodeName,
+    /// The sender now serves `room` (after a claim): nodes with members in it subscribe again.
+    RoomActive {
+        /// The room.
+        room: RoomId,
+        /// Its owner.
+        owner: NodeName,
     },
     /// The sender's directory (re)started empty: announce the users whose home it is.
     Reannounce {
         /// The sending node.
         node: NodeName,
     },
+}
 
-    // ---- to the directory of a user's home node ----
+impl ToHub {
+    /// The message's name, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ToHub::Reply { .. } => "reply",
+            ToHub::Fanout { .. } => "fanout",
+            ToHub::Presence { .. } => "presence",
+            ToHub::DeliverDirect { .. } => "deliver_direct",
+            ToHub::RoomActive { .. } => "room_active",
+            ToHub::Reannounce { .. } => "reannounce",
+        }
+    }
+}
+
+/// Messages for the directory of a user's home node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToDirectory {
     /// The users with connections on `node` changed: `online` connected, `offline` left.
     Presences {
         /// The node whose connections changed.
@@ -295,112 +469,20 @@ pub enum PeerMessage {
         /// The text.
         text: String,
     },
-
-    // ---- to the log keeper of a node holding (or about to hold) a room's log ----
-    /// A claimer asks the receiver to promise `epoch` for `room` and to report its log.
-    Promise {
-        /// The room.
-        room: RoomId,
-        /// The claimed epoch.
-        epoch: Epoch,
-        /// The placement the claimer will use.
-        placement: Placement,
-    },
-    /// The receiver's answer to `Promise`.
-    Promised {
-        /// The room.
-        room: RoomId,
-        /// The epoch that was asked for.
-        epoch: Epoch,
-        /// Whether the promise was given (false: a higher epoch was promised before).
-        granted: bool,
-        /// The answering node.
+    /// The sender's hub (re)started empty: every connection it had is gone.
+    SessionsReset {
+        /// The sending node.
         node: NodeName,
-        /// The answering node's log.
-        state: LogState,
-    },
-    /// The owner of `epoch` writes entries: the receiver drops what it holds after `after_seq`
-    /// (an unacknowledged suffix, or the same entries again), then stores `entries`, which start
-    /// at `after_seq + 1`.
-    Append {
-        /// The room.
-        room: RoomId,
-        /// The writer's epoch.
-        epoch: Epoch,
-        /// The placement of that epoch.
-        placement: Placement,
-        /// The entries follow this sequence number.
-        after_seq: u64,
-        /// The entries.
-        entries: Vec<Entry>,
-    },
-    /// The receiver's answer to `Append`, once the entries are durable.
-    Appended {
-        /// The room.
-        room: RoomId,
-        /// The epoch of the append.
-        epoch: Epoch,
-        /// The answering node.
-        node: NodeName,
-        /// Whether the entries were stored.
-        ok: bool,
-        /// The receiver's promised epoch.
-        promised: Epoch,
-        /// The receiver's last sequence number after the append.
-        last_seq: u64,
-    },
-    /// Asks for the entries `from_seq..=to_seq` of a room (in bounded chunks).
-    Fetch {
-        /// The room.
-        room: RoomId,
-        /// Where to send the entries.
-        from: NodeName,
-        /// The first wanted sequence number.
-        from_seq: u64,
-        /// The last wanted sequence number.
-        to_seq: u64,
-    },
-    /// The answer to `Fetch`: a prefix of the wanted range (empty when nothing is held).
-    Fetched {
-        /// The room.
-        room: RoomId,
-        /// The answering node.
-        node: NodeName,
-        /// The entries, ascending.
-        entries: Vec<Entry>,
-    },
-
-    // ---- link housekeeping ----
-    /// The receiver of a link processed this many more bytes (flow control towards it).
-    Credit {
-        /// The processed bytes since the last credit.
-        bytes: u64,
     },
 }
 
-impl PeerMessage {
+impl ToDirectory {
     /// The message's name, for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            PeerMessage::Room { .. } => "room",
-            PeerMessage::Subscribe { .. } => "subscribe",
-            PeerMessage::Activate { .. } => "activate",
-            PeerMessage::RoomActive { .. } => "room_active",
-            PeerMessage::Reply { .. } => "reply",
-            PeerMessage::Fanout { .. } => "fanout",
-            PeerMessage::Presence { .. } => "presence",
-            PeerMessage::DeliverDirect { .. } => "deliver_direct",
-            PeerMessage::SessionsReset { .. } => "sessions_reset",
-            PeerMessage::Reannounce { .. } => "reannounce",
-            PeerMessage::Presences { .. } => "presences",
-            PeerMessage::Direct { .. } => "direct",
-            PeerMessage::Promise { .. } => "promise",
-            PeerMessage::Promised { .. } => "promised",
-            PeerMessage::Append { .. } => "append",
-            PeerMessage::Appended { .. } => "appended",
-            PeerMessage::Fetch { .. } => "fetch",
-            PeerMessage::Fetched { .. } => "fetched",
-            PeerMessage::Credit { .. } => "credit",
+            ToDirectory::Presences { .. } => "presences",
+            ToDirectory::Direct { .. } => "direct",
+            ToDirectory::SessionsReset { .. } => "sessions_reset",
         }
     }
 }

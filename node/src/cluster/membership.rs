@@ -20,24 +20,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chat_protocol::NodeName;
-use chat_protocol::codec;
 use chat_protocol::peer::{Heartbeat, MemberInfo};
-use hmac::{Hmac, KeyInit, Mac};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorMessage;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio::net::UdpSocket;
+use tokio::sync::watch;
 
-use crate::cluster::Cluster;
+use crate::actors::{Tasks, forward};
 use crate::cluster::detector::{Detector, DetectorConfig};
-use crate::cluster::links::LinksMessage;
 use crate::cluster::view::{Member, Status, View};
 use crate::metrics::Metrics;
+use crate::net::Net;
+use crate::net::datagram;
+use crate::net::links::LinksMessage;
 use crate::store::{Store, Write, Writer};
-
-/// Length of the HMAC tag at the end of every datagram.
-const TAG_LEN: usize = 32;
 /// The largest datagram read.
 const MAX_DATAGRAM: usize = 64 << 10;
 /// Seeds are pinged at most this often while they are not members yet.
@@ -68,50 +65,16 @@ impl KnownMembers {
     }
 }
 
-/// The datagram key derived from the cookie.
-pub fn datagram_key(cookie: &str) -> [u8; 32] {
-    let mut hasher = Sha256::new();
-    hasher.update(b"chat-cluster heartbeat key v1\0");
-    hasher.update(cookie.as_bytes());
-    hasher.finalize().into()
-}
-
-/// Appends the HMAC tag to `payload`.
-pub fn seal(key: &[u8; 32], mut payload: Vec<u8>) -> Vec<u8> {
-    let tag = tag(key, &payload);
-    payload.extend_from_slice(&tag);
-    payload
-}
-
-/// The payload of a sealed datagram, if its tag is valid.
-pub fn open<'a>(key: &[u8; 32], datagram: &'a [u8]) -> Option<&'a [u8]> {
-    let split = datagram.len().checked_sub(TAG_LEN)?;
-    let (payload, tag) = datagram.split_at(split);
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).ok()?;
-    mac.update(payload);
-    mac.verify_slice(tag).ok()?;
-    Some(payload)
-}
-
-fn tag(key: &[u8; 32], payload: &[u8]) -> Vec<u8> {
-    match Hmac::<Sha256>::new_from_slice(key) {
-        Ok(mut mac) => {
-            mac.update(payload);
-            mac.finalize().into_bytes().to_vec()
-        }
-        // HMAC accepts keys of any length.
-        Err(_) => vec![0; TAG_LEN],
-    }
-}
-
 /// The Membership actor.
 #[derive(Debug)]
 pub struct Membership;
 
 /// What the membership needs.
 pub struct MembershipArgs {
-    /// The node's cluster handle (the view is published there).
-    pub cluster: Cluster,
+    /// The node-to-node layer (for the state of sessions).
+    pub net: Net,
+    /// Where the view is published.
+    pub views: watch::Sender<Arc<View>>,
     /// This node as members see it.
     pub me: MemberInfo,
     /// The bound UDP socket of the cluster port.
@@ -164,7 +127,8 @@ pub struct MembershipState {
     /// Where datagrams of our own came from (seeds that are this node).
     own_addrs: HashSet<SocketAddr>,
     seed_addrs: HashMap<String, SocketAddr>,
-    receiver: Option<tokio::task::JoinHandle<()>>,
+    /// The datagram receiver and the forwarder of link changes.
+    _tasks: Tasks,
     leaving: bool,
     last_bad_log: Option<Instant>,
 }
@@ -189,6 +153,10 @@ impl Actor for Membership {
         if !args.seeds.is_empty() {
             detector.expect_peers();
         }
+        let mut tasks = Tasks::default();
+        tasks.add(forward(args.net.links_changed(), myself.clone(), |_| {
+            MembershipMessage::LinksChanged
+        }));
         let socket = args.socket.clone();
         let me = myself.clone();
         let receiver = tokio::spawn(async move {
@@ -210,6 +178,7 @@ impl Actor for Membership {
                 }
             }
         });
+        tasks.add(receiver.abort_handle());
         myself.send_interval(args.config.interval, || MembershipMessage::Tick);
         let persisted = (detector.known().clone(), detector.bootstrapped());
         tracing::info!(node = %args.me.name, incarnation = args.me.incarnation, known = ?persisted.0, seeds = ?args.seeds, "membership started");
@@ -221,22 +190,11 @@ impl Actor for Membership {
             seed_sent: None,
             own_addrs: HashSet::new(),
             seed_addrs: HashMap::new(),
-            receiver: Some(receiver),
+            _tasks: tasks,
             leaving: false,
             last_bad_log: None,
             args,
         })
-    }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<MembershipMessage>,
-        state: &mut MembershipState,
-    ) -> Result<(), ActorProcessingErr> {
-        if let Some(receiver) = state.receiver.take() {
-            receiver.abort();
-        }
-        Ok(())
     }
 
     async fn handle(
@@ -276,11 +234,7 @@ impl Actor for Membership {
 
 impl MembershipState {
     fn datagram(&mut self, from: SocketAddr, bytes: &[u8]) {
-        let Some(payload) = open(&self.args.key, bytes) else {
-            self.bad_datagram(from, "bad seal (wrong cookie?)");
-            return;
-        };
-        let heartbeat: Heartbeat = match codec::decode(payload) {
+        let heartbeat = match datagram::open(&self.args.key, bytes) {
             Ok(heartbeat) => heartbeat,
             Err(e) => {
                 self.bad_datagram(from, &e.to_string());
@@ -306,7 +260,7 @@ impl MembershipState {
     }
 
     fn bad_datagram(&mut self, from: SocketAddr, why: &str) {
-        Metrics::count(&self.args.cluster.metrics().peer_dropped, "bad_datagram");
+        Metrics::count(&self.args.net.metrics().peer_dropped, "bad_datagram");
         let now = Instant::now();
         if self
             .last_bad_log
@@ -365,9 +319,8 @@ impl MembershipState {
     }
 
     fn send_to(&self, to: SocketAddr, heartbeat: &Heartbeat) {
-        match codec::encode(heartbeat) {
-            Ok(bytes) => {
-                let datagram = seal(&self.args.key, bytes);
+        match datagram::seal(&self.args.key, heartbeat) {
+            Ok(datagram) => {
                 let _ = self.args.socket.try_send_to(&datagram, to);
             }
             Err(e) => tracing::error!(error = %e, "heartbeat not encodable"),
@@ -382,8 +335,8 @@ impl MembershipState {
         let seeds: HashSet<String> = self.args.seeds.iter().cloned().collect();
         let mut batch = Vec::with_capacity(sends.len());
         for (addr, heartbeat) in sends {
-            match codec::encode(&heartbeat) {
-                Ok(bytes) => batch.push((addr, seal(&key, bytes))),
+            match datagram::seal(&key, &heartbeat) {
+                Ok(datagram) => batch.push((addr, datagram)),
                 Err(e) => tracing::error!(error = %e, "heartbeat not encodable"),
             }
         }
@@ -411,7 +364,7 @@ impl MembershipState {
     }
 
     fn build_view(&self) -> (Vec<Member>, bool) {
-        let cluster = &self.args.cluster;
+        let net = &self.args.net;
         let mut members = vec![Member {
             name: self.args.me.name.clone(),
             addr: self.args.me.addr.clone(),
@@ -419,7 +372,7 @@ impl MembershipState {
             public_url: self.args.me.public_url.clone(),
         }];
         for (info, alive) in self.detector.members() {
-            let up = alive && cluster.has_link(&info.name);
+            let up = alive && net.has_link(&info.name);
             members.push(Member {
                 name: info.name.clone(),
                 addr: info.addr.clone(),
@@ -441,7 +394,7 @@ impl MembershipState {
         members.sort_by(|a, b| a.name.cmp(&b.name));
         let quorum = self
             .detector
-            .quorum(Instant::now(), |name| cluster.has_link(name));
+            .quorum(Instant::now(), |name| net.has_link(name));
         (members, quorum)
     }
 
@@ -479,7 +432,10 @@ impl MembershipState {
             self.version,
         );
         self.last_view = Some((members, quorum));
-        self.args.cluster.set_view(view);
+        let metrics = self.args.net.metrics();
+        metrics.members.set(view.up_count() as i64);
+        metrics.quorum.set(i64::from(view.quorum));
+        self.args.views.send_replace(Arc::new(view));
     }
 
     fn persist(&mut self) {
@@ -491,12 +447,9 @@ impl MembershipState {
             names: current.0.iter().cloned().collect(),
             bootstrapped: current.1,
         };
-        match codec::encode(&value) {
-            Ok(bytes) => self.args.writer.submit(
-                Write::Node {
-                    key: MEMBERS_KEY,
-                    value: bytes,
-                },
+        match Write::node(MEMBERS_KEY, &value) {
+            Ok(write) => self.args.writer.submit(
+                write,
                 Box::new(|result| {
                     if let Err(e) = result {
                         tracing::error!(error = %e, "persisting the membership failed");
@@ -506,22 +459,5 @@ impl MembershipState {
             Err(e) => tracing::error!(error = %e, "membership not encodable"),
         }
         self.persisted = current;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sealed_datagrams_open_only_with_the_same_cookie() {
-        let key = datagram_key("secret");
-        let datagram = seal(&key, b"hello".to_vec());
-        assert_eq!(open(&key, &datagram), Some(&b"hello"[..]));
-        assert_eq!(open(&datagram_key("other"), &datagram), None);
-        let mut tampered = datagram.clone();
-        tampered[0] ^= 1;
-        assert_eq!(open(&key, &tampered), None);
-        assert_eq!(open(&key, b"short"), None);
     }
 }

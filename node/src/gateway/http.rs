@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use chat_protocol::{RoomId, UserName};
+use chat_protocol::{NodeName, RoomId, UserName};
 use futures_util::StreamExt;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -35,10 +35,14 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-use crate::cluster::Cluster;
+use crate::actors::Slot;
+use crate::cluster::Views;
 use crate::gateway::auth::{AuthError, Verifier};
+use crate::gateway::outbox::outbox;
 use crate::gateway::session::{Limits, Session, SessionArgs};
-use crate::gateway::socket::{self, outbox};
+use crate::gateway::sessions::SessionsMessage;
+use crate::gateway::socket;
+use crate::hub::HubMessage;
 use crate::metrics::Metrics;
 
 /// TCP connections accepted beyond `max-connections` for plain HTTP (health checks, metrics).
@@ -67,10 +71,25 @@ pub struct GatewayConfig {
     pub replication_factor: usize,
 }
 
+/// The parts of the node the gateway works with.
+#[derive(Debug, Clone)]
+pub struct GatewayLinks {
+    /// This node's name.
+    pub me: NodeName,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// The cluster view.
+    pub views: Views,
+    /// The current hub.
+    pub hub: Slot<HubMessage>,
+    /// The current supervisor of sessions.
+    pub sessions: Slot<SessionsMessage>,
+}
+
 /// Everything a connection task shares.
 pub struct Gateway {
     config: GatewayConfig,
-    cluster: Cluster,
+    node: GatewayLinks,
     serving: watch::Receiver<bool>,
     open: AtomicUsize,
 }
@@ -85,19 +104,19 @@ impl Gateway {
     /// A gateway serving while `serving` is true.
     pub fn new(
         config: GatewayConfig,
-        cluster: Cluster,
+        node: GatewayLinks,
         serving: watch::Receiver<bool>,
     ) -> Arc<Gateway> {
         Arc::new(Gateway {
             config,
-            cluster,
+            node,
             serving,
             open: AtomicUsize::new(0),
         })
     }
 
     fn metrics(&self) -> &Metrics {
-        self.cluster.metrics()
+        &self.node.metrics
     }
 }
 
@@ -184,7 +203,7 @@ fn route(request: Request<Incoming>, gateway: &Arc<Gateway>) -> Response<Full<By
             response
         }
         "/cluster" => {
-            let view = gateway.cluster.view();
+            let view = gateway.node.views.borrow().clone();
             json(
                 StatusCode::OK,
                 &serde_json::json!({ "node": view.me, "members": view.members, "quorum": view.quorum }),
@@ -198,7 +217,7 @@ fn route(request: Request<Incoming>, gateway: &Arc<Gateway>) -> Response<Full<By
 }
 
 fn health(gateway: &Gateway) -> Response<Full<Bytes>> {
-    let view = gateway.cluster.view();
+    let view = gateway.node.views.borrow().clone();
     let serving = *gateway.serving.borrow() && view.quorum;
     let status = if serving { "ok" } else { "unavailable" };
     let code = if serving {
@@ -220,7 +239,7 @@ fn room_placement(room: &str, gateway: &Gateway) -> Response<Full<Bytes>> {
             &serde_json::json!({ "error": "invalid_room" }),
         );
     };
-    let view = gateway.cluster.view();
+    let view = gateway.node.views.borrow().clone();
     let placement = view.placement(&room, gateway.config.replication_factor);
     json(
         StatusCode::OK,
@@ -328,7 +347,8 @@ async fn start_session(upgraded: hyper::upgrade::Upgraded, user: UserName, gatew
         .max_message_size(Some(frame));
     let socket: socket::Socket =
         WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
-    let (Some(hub), Some(supervisor)) = (gateway.cluster.hub(), gateway.cluster.sessions()) else {
+    let (Some(hub), Some(supervisor)) = (gateway.node.hub.get(), gateway.node.sessions.get())
+    else {
         tracing::warn!("no hub or session supervisor running; dropping the connection");
         return;
     };
@@ -339,10 +359,10 @@ async fn start_session(upgraded: hyper::upgrade::Upgraded, user: UserName, gatew
         outbox: outbox.clone(),
         hub,
         limits: gateway.config.limits,
-        node: gateway.cluster.me().clone(),
+        node: gateway.node.me.clone(),
         metrics: gateway.metrics().clone(),
     };
-    let session = match Actor::spawn_linked(None, Session, args, supervisor).await {
+    let session = match Actor::spawn_linked(None, Session, args, supervisor.get_cell()).await {
         Ok((session, _)) => session,
         Err(e) => {
             tracing::error!(error = %e, "session failed to start");

@@ -1,28 +1,28 @@
 //! The Session actor: one per WebSocket connection.
 //!
-//! It owns what is per connection: the user, the rooms joined, the rate limit. Frames arrive as
-//! messages from the reader task; the session validates them (JSON shape, room names, text size,
-//! rate, joined rooms) and answers mistakes itself with an error frame. Valid requests go to the
-//! hub, which routes them to the room's owner and delivers the replies. `ping` is answered here.
+//! It owns what is per connection: the user and the rate limit. Frames arrive as messages from
+//! the reader task; the session validates them (JSON shape, room names, text size, rate) and
+//! answers mistakes itself with an error frame. Valid requests go to the hub, which knows the
+//! rooms the connection joined, routes them to the room's owner and delivers the replies. `ping`
+//! is answered here.
 //!
 //! Cleanup lives in a guard dropped with the actor's state, which happens on a normal stop and
 //! after a panic alike (ractor skips `post_stop` after a panic): the hub forgets the connection
 //! and the socket is closed, with 1011 when the session failed.
 
-use std::collections::HashSet;
 use std::time::Instant;
 
 use chat_protocol::client::{ClientRequest, ErrorFrame, Request, ServerFrame, parse_request};
 use chat_protocol::peer::{RoomOp, SessionId};
-use chat_protocol::{ErrorCode, NodeName, RoomId, UserName};
+use chat_protocol::{ErrorCode, NodeName, UserName};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
 use serde_json::value::RawValue;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use crate::gateway::outbox::{Closing, Outbox};
 use crate::gateway::rate::RateLimit;
-use crate::gateway::socket::{Closing, Outbox};
 use crate::hub::{HubMessage, HubRequest};
 use crate::metrics::Metrics;
 
@@ -67,8 +67,6 @@ pub enum SessionMessage {
     Binary,
     /// The socket closed.
     Closed,
-    /// Joining this room failed: forget it.
-    JoinFailed(RoomId),
     /// Panics inside the handler: lets tests prove that a failing session is contained.
     Crash,
 }
@@ -98,7 +96,6 @@ pub struct SessionState {
     hub: ActorRef<HubMessage>,
     limits: Limits,
     metrics: Metrics,
-    joined: HashSet<RoomId>,
     rate: RateLimit,
     guard: Guard,
     span: tracing::Span,
@@ -111,7 +108,7 @@ impl Actor for Session {
 
     async fn pre_start(
         &self,
-        myself: ActorRef<SessionMessage>,
+        _myself: ActorRef<SessionMessage>,
         args: SessionArgs,
     ) -> Result<SessionState, ActorProcessingErr> {
         args.metrics.connections.inc();
@@ -129,7 +126,6 @@ impl Actor for Session {
             session: args.id,
             user: args.user.clone(),
             outbox: args.outbox.clone(),
-            actor: myself,
         });
         let span = tracing::info_span!("session", session = %session, user = %args.user);
         Ok(SessionState {
@@ -146,7 +142,6 @@ impl Actor for Session {
             hub: args.hub,
             limits: args.limits,
             metrics: args.metrics,
-            joined: HashSet::new(),
             rate: RateLimit::new(args.limits.rate_limit, Instant::now()),
             span,
         })
@@ -182,9 +177,6 @@ impl Actor for Session {
                 state.guard.closing = Closing::Normal;
                 myself.stop(None);
             }
-            SessionMessage::JoinFailed(room) => {
-                state.joined.remove(&room);
-            }
             SessionMessage::Crash => panic!("injected failure in session {:x}", state.id),
         }
         Ok(())
@@ -204,7 +196,6 @@ impl SessionState {
                 );
             }
             Request::Join { room, since } => {
-                self.joined.insert(room.clone());
                 let op = RoomOp::Join {
                     session: self.id,
                     user: self.user.clone(),
@@ -213,7 +204,6 @@ impl SessionState {
                 self.to_hub(reference, HubRequest::Room { room, op });
             }
             Request::Leave { room } => {
-                self.joined.remove(&room);
                 let op = RoomOp::Leave {
                     session: self.id,
                     user: self.user.clone(),
@@ -226,14 +216,6 @@ impl SessionState {
                 client_id,
             } => {
                 if !self.admit(reference.as_deref(), &text) {
-                    return;
-                }
-                if !self.joined.contains(&room) {
-                    self.error(
-                        reference.as_deref(),
-                        ErrorCode::NotJoined,
-                        "join the room before sending to it",
-                    );
                     return;
                 }
                 let op = RoomOp::Publish {

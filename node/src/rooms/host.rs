@@ -21,13 +21,15 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chat_protocol::peer::{Origin, PeerMessage, Reply};
+use chat_protocol::peer::{Origin, Reply, ToHub, ToRoom, ToRooms};
 use chat_protocol::{ErrorCode, NodeName, RoomId};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use ractor_cluster::RactorMessage;
 
-use crate::cluster::Cluster;
+use crate::actors::{Tasks, forward};
+use crate::cluster::Views;
 use crate::cluster::view::View;
+use crate::net::Net;
 use crate::rooms::room::{Room, RoomArgs, RoomConfig, RoomMessage};
 use crate::store::Store;
 
@@ -43,8 +45,10 @@ pub struct RoomHost;
 /// What the host needs.
 #[derive(Debug)]
 pub struct HostArgs {
-    /// Messaging and view.
-    pub cluster: Cluster,
+    /// The node-to-node layer.
+    pub net: Net,
+    /// The cluster view.
+    pub views: Views,
     /// The store, for rooms and the placement scan.
     pub store: Store,
     /// Room settings.
@@ -54,6 +58,7 @@ pub struct HostArgs {
 /// The host's state.
 pub struct HostState {
     args: HostArgs,
+    _tasks: Tasks,
     view: Arc<View>,
     rooms: HashMap<RoomId, ActorRef<RoomMessage>>,
     ids: HashMap<ActorId, RoomId>,
@@ -69,7 +74,7 @@ pub struct HostState {
 #[derive(Debug, RactorMessage)]
 pub enum HostMessage {
     /// Room traffic from a node (this one included).
-    Peer(PeerMessage),
+    Peer(ToRooms),
     /// The view changed.
     ViewChanged(Arc<View>),
     /// The placement scan found rooms to take over here and rooms to point out elsewhere.
@@ -95,12 +100,21 @@ impl Actor for RoomHost {
         myself: ActorRef<HostMessage>,
         args: HostArgs,
     ) -> Result<HostState, ActorProcessingErr> {
-        args.cluster.set_host(myself.clone());
-        let view = args.cluster.view();
+        let host = myself.clone();
+        args.net
+            .serve_rooms(Box::new(move |m| host.cast(HostMessage::Peer(m)).is_ok()));
+        let mut tasks = Tasks::default();
+        tasks.add(forward(
+            args.views.clone(),
+            myself.clone(),
+            HostMessage::ViewChanged,
+        ));
+        let view = args.views.borrow().clone();
         // Rooms whose placement changed while this node was down are taken over now.
         let _ = myself.cast(HostMessage::ViewChanged(view.clone()));
         Ok(HostState {
             args,
+            _tasks: tasks,
             view,
             rooms: HashMap::new(),
             ids: HashMap::new(),
@@ -145,9 +159,9 @@ impl Actor for RoomHost {
                 }
                 for (node, rooms) in elsewhere {
                     for chunk in rooms.chunks(1024) {
-                        let _ = state.args.cluster.send(
+                        let _ = state.args.net.to_rooms(
                             &node,
-                            PeerMessage::Activate {
+                            ToRooms::Activate {
                                 rooms: chunk.to_vec(),
                             },
                         );
@@ -191,42 +205,52 @@ impl Actor for RoomHost {
 
 impl HostState {
     fn me(&self) -> &NodeName {
-        self.args.cluster.me()
+        self.args.net.me()
     }
 
     fn owns(&self, room: &RoomId) -> bool {
         self.view.owner(room) == Some(self.me())
     }
 
-    async fn route(&mut self, myself: &ActorRef<HostMessage>, message: PeerMessage) {
+    async fn route(&mut self, myself: &ActorRef<HostMessage>, message: ToRooms) {
         match message {
-            PeerMessage::Room {
-                room,
-                origin,
-                op,
-                hops,
-            } => {
+            ToRooms::Room { room, message } => self.route_room(myself, room, message).await,
+            ToRooms::Activate { rooms } => {
+                for room in rooms {
+                    if self.owns(&room) {
+                        self.room(myself, &room).await;
+                    }
+                }
+            }
+            ToRooms::SessionsReset { node } => {
+                for room in self.rooms.values() {
+                    let _ = room.cast(RoomMessage::NodeReset(node.clone()));
+                }
+            }
+        }
+    }
+
+    async fn route_room(&mut self, myself: &ActorRef<HostMessage>, room: RoomId, message: ToRoom) {
+        let received = Instant::now();
+        match message {
+            ToRoom::Request { origin, op, hops } => {
                 if self.owns(&room) {
                     if let Some(actor) = self.room(myself, &room).await {
-                        let _ = actor.cast(RoomMessage::Request {
-                            origin,
-                            op,
-                            received: Instant::now(),
-                        });
-                        return;
+                        let request = ToRoom::Request { origin, op, hops };
+                        let _ = actor.cast(RoomMessage::Peer(request, received));
+                    } else {
+                        self.fail(&origin, "the room could not be started");
                     }
-                    self.fail(&origin, "the room could not be started");
                     return;
                 }
                 match self.view.owner(&room).cloned() {
                     Some(owner) if hops == 0 => {
-                        let forwarded = PeerMessage::Room {
-                            room,
+                        let forwarded = ToRoom::Request {
                             origin: origin.clone(),
                             op,
                             hops: 1,
                         };
-                        if self.args.cluster.send(&owner, forwarded).is_err() {
+                        if self.args.net.to_room(&owner, room, forwarded).is_err() {
                             self.fail(&origin, "the room's node is unreachable");
                         } else if origin.req != 0 {
                             self.remember_forwarded(origin, owner);
@@ -235,72 +259,19 @@ impl HostState {
                     _ => self.fail(&origin, "the room is moving between nodes"),
                 }
             }
-            PeerMessage::Subscribe {
-                room,
-                node,
-                cursor,
-                sessions,
-            } => {
+            ToRoom::Subscribe { .. } => {
                 if self.owns(&room)
                     && let Some(actor) = self.room(myself, &room).await
                 {
-                    let _ = actor.cast(RoomMessage::Subscribe {
-                        node,
-                        cursor,
-                        sessions,
-                    });
+                    let _ = actor.cast(RoomMessage::Peer(message, received));
                 }
             }
-            PeerMessage::Activate { rooms } => {
-                for room in rooms {
-                    if self.owns(&room) {
-                        self.room(myself, &room).await;
-                    }
+            // Answers to a room's own requests: only for a room that runs here.
+            ToRoom::Promised { .. } | ToRoom::Appended { .. } | ToRoom::Fetched { .. } => {
+                if let Some(actor) = self.rooms.get(&room) {
+                    let _ = actor.cast(RoomMessage::Peer(message, received));
                 }
             }
-            PeerMessage::Promised {
-                room,
-                epoch,
-                granted,
-                node,
-                state,
-            } => self.tell(
-                &room,
-                RoomMessage::Promised {
-                    epoch,
-                    granted,
-                    node,
-                    state,
-                },
-            ),
-            PeerMessage::Appended {
-                room,
-                epoch,
-                node,
-                ok,
-                promised,
-                last_seq,
-            } => self.tell(
-                &room,
-                RoomMessage::Appended {
-                    epoch,
-                    node,
-                    ok,
-                    promised,
-                    last_seq,
-                },
-            ),
-            PeerMessage::Fetched {
-                room,
-                node,
-                entries,
-            } => self.tell(&room, RoomMessage::Fetched { node, entries }),
-            PeerMessage::SessionsReset { node } => {
-                for room in self.rooms.values() {
-                    let _ = room.cast(RoomMessage::NodeReset(node.clone()));
-                }
-            }
-            other => tracing::warn!(kind = other.kind(), "room host got an unexpected message"),
         }
     }
 
@@ -330,12 +301,6 @@ impl HostState {
         }
     }
 
-    fn tell(&self, room: &RoomId, message: RoomMessage) {
-        if let Some(actor) = self.rooms.get(room) {
-            let _ = actor.cast(message);
-        }
-    }
-
     /// The room's actor, started if needed.
     async fn room(
         &mut self,
@@ -347,7 +312,8 @@ impl HostState {
         }
         let args = RoomArgs {
             id: room.clone(),
-            cluster: self.args.cluster.clone(),
+            net: self.args.net.clone(),
+            view: self.view.clone(),
             store: self.args.store.clone(),
             config: self.args.config.clone(),
         };
@@ -394,9 +360,9 @@ impl HostState {
         if origin.req == 0 {
             return;
         }
-        let _ = self.args.cluster.send(
+        let _ = self.args.net.to_hub(
             &origin.node,
-            PeerMessage::Reply {
+            ToHub::Reply {
                 req: origin.req,
                 reply: Reply::Failed {
                     code: ErrorCode::Unavailable,

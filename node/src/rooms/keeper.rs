@@ -11,12 +11,12 @@
 
 use std::collections::HashMap;
 
-use chat_protocol::peer::{LogState, PeerMessage};
+use chat_protocol::peer::{LogState, ToKeeper, ToRoom};
 use chat_protocol::{NodeName, RoomId};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
 
-use crate::cluster::Cluster;
+use crate::net::Net;
 use crate::rooms::log::{self, Refusal};
 use crate::store::{Store, Write, Writer};
 
@@ -33,7 +33,7 @@ pub struct LogKeeper;
 #[derive(Debug)]
 pub struct KeeperArgs {
     /// For answering owners.
-    pub cluster: Cluster,
+    pub net: Net,
     /// For reads.
     pub store: Store,
     /// For durable writes.
@@ -50,7 +50,7 @@ pub struct KeeperState {
 #[derive(Debug, RactorMessage)]
 pub enum KeeperMessage {
     /// `Promise`, `Append` or `Fetch` from a room owner.
-    Peer(PeerMessage),
+    Peer(ToKeeper),
     /// A queued write of `room` failed: forget the cached state and reload it from disk.
     WriteFailed(RoomId),
 }
@@ -65,7 +65,10 @@ impl Actor for LogKeeper {
         myself: ActorRef<KeeperMessage>,
         args: KeeperArgs,
     ) -> Result<KeeperState, ActorProcessingErr> {
-        args.cluster.set_keeper(myself);
+        let keeper = myself.clone();
+        args.net.serve_keeper(Box::new(move |m| {
+            keeper.cast(KeeperMessage::Peer(m)).is_ok()
+        }));
         Ok(KeeperState {
             args,
             logs: HashMap::new(),
@@ -79,7 +82,7 @@ impl Actor for LogKeeper {
         state: &mut KeeperState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            KeeperMessage::Peer(PeerMessage::Promise {
+            KeeperMessage::Peer(ToKeeper::Promise {
                 room,
                 epoch,
                 placement,
@@ -92,11 +95,10 @@ impl Actor for LogKeeper {
                 match log::promise(&current, epoch, &placement) {
                     Some(next) => {
                         state.logs.insert(room.clone(), next.clone());
-                        let answer = PeerMessage::Promised {
-                            room: room.clone(),
+                        let answer = ToRoom::Promised {
                             epoch,
                             granted: true,
-                            node: state.args.cluster.me().clone(),
+                            node: state.args.net.me().clone(),
                             state: next.clone(),
                         };
                         state.write(
@@ -112,18 +114,17 @@ impl Actor for LogKeeper {
                         );
                     }
                     None => {
-                        let answer = PeerMessage::Promised {
-                            room,
+                        let answer = ToRoom::Promised {
                             epoch,
                             granted: false,
-                            node: state.args.cluster.me().clone(),
+                            node: state.args.net.me().clone(),
                             state: current,
                         };
-                        let _ = state.args.cluster.send(&claimer, answer);
+                        let _ = state.args.net.to_room(&claimer, room, answer);
                     }
                 }
             }
-            KeeperMessage::Peer(PeerMessage::Append {
+            KeeperMessage::Peer(ToKeeper::Append {
                 room,
                 epoch,
                 placement,
@@ -134,12 +135,11 @@ impl Actor for LogKeeper {
                     return Ok(());
                 };
                 let current = state.log(&room)?;
-                let me = state.args.cluster.me().clone();
+                let me = state.args.net.me().clone();
                 match log::append(&current, epoch, &placement, after_seq, &entries) {
                     Ok((next, truncates)) => {
                         state.logs.insert(room.clone(), next.clone());
-                        let answer = PeerMessage::Appended {
-                            room: room.clone(),
+                        let answer = ToRoom::Appended {
                             epoch,
                             node: me,
                             ok: true,
@@ -164,19 +164,18 @@ impl Actor for LogKeeper {
                             Refusal::Gap { last_seq } => (current.promised, last_seq),
                         };
                         tracing::debug!(room = %room, epoch, ?refusal, "append refused");
-                        let answer = PeerMessage::Appended {
-                            room,
+                        let answer = ToRoom::Appended {
                             epoch,
                             node: me,
                             ok: false,
                             promised,
                             last_seq,
                         };
-                        let _ = state.args.cluster.send(&owner, answer);
+                        let _ = state.args.net.to_room(&owner, room, answer);
                     }
                 }
             }
-            KeeperMessage::Peer(PeerMessage::Fetch {
+            KeeperMessage::Peer(ToKeeper::Fetch {
                 room,
                 from,
                 from_seq,
@@ -184,7 +183,7 @@ impl Actor for LogKeeper {
             }) => {
                 let to_seq = to_seq.min(from_seq.saturating_add(FETCH_MAX_ENTRIES - 1));
                 let store = state.args.store.clone();
-                let cluster = state.args.cluster.clone();
+                let net = state.args.net.clone();
                 // Reads never wait for the writer; keep them off the actor's thread anyway.
                 tokio::task::spawn_blocking(move || {
                     let entries = store
@@ -193,19 +192,9 @@ impl Actor for LogKeeper {
                             tracing::error!(room = %room, error = %e, "fetch read failed");
                             Vec::new()
                         });
-                    let node = cluster.me().clone();
-                    let _ = cluster.send(
-                        &from,
-                        PeerMessage::Fetched {
-                            room,
-                            node,
-                            entries,
-                        },
-                    );
+                    let node = net.me().clone();
+                    let _ = net.to_room(&from, room, ToRoom::Fetched { node, entries });
                 });
-            }
-            KeeperMessage::Peer(other) => {
-                tracing::warn!(kind = other.kind(), "log keeper got an unexpected message");
             }
             KeeperMessage::WriteFailed(room) => {
                 state.logs.remove(&room);
@@ -228,14 +217,8 @@ impl KeeperState {
 
     /// Queues `write`; once durable, sends `answer` to `to`. On failure the cached state is
     /// dropped and the owner gets no answer (its request times out and is retried).
-    fn write(
-        &self,
-        myself: &ActorRef<KeeperMessage>,
-        to: NodeName,
-        write: Write,
-        answer: PeerMessage,
-    ) {
-        let cluster = self.args.cluster.clone();
+    fn write(&self, myself: &ActorRef<KeeperMessage>, to: NodeName, write: Write, answer: ToRoom) {
+        let net = self.args.net.clone();
         let keeper = myself.clone();
         let room = match &write {
             Write::Log { room, .. } => room.clone(),
@@ -245,7 +228,7 @@ impl KeeperState {
             write,
             Box::new(move |result| match result {
                 Ok(()) => {
-                    let _ = cluster.send(&to, answer);
+                    let _ = net.to_room(&to, room, answer);
                 }
                 Err(e) => {
                     tracing::error!(room = %room, error = %e, "log write failed");

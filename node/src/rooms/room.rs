@@ -20,13 +20,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chat_protocol::peer::SessionId;
-use chat_protocol::peer::{Entry, Epoch, LogState, Origin, PeerMessage, Placement, Reply, RoomOp};
+use chat_protocol::peer::{
+    Entry, Epoch, LogState, Origin, Placement, Reply, RoomOp, ToHub, ToKeeper, ToRoom,
+};
 use chat_protocol::{ErrorCode, NodeName, PresenceEvent, RoomId, UserName};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
 
-use crate::cluster::Cluster;
+use crate::clock::now_ms;
 use crate::cluster::view::View;
+use crate::net::Net;
 use crate::rooms::log;
 use crate::rooms::members::Members;
 use crate::store::Store;
@@ -74,8 +77,10 @@ pub struct Room;
 pub struct RoomArgs {
     /// The room.
     pub id: RoomId,
-    /// For messaging and the view.
-    pub cluster: Cluster,
+    /// For messaging.
+    pub net: Net,
+    /// The view when the room starts (the host forwards later ones).
+    pub view: Arc<View>,
     /// For reading older entries.
     pub store: Store,
     /// Settings.
@@ -85,55 +90,8 @@ pub struct RoomArgs {
 /// Messages of a room (all arrive through the room host).
 #[derive(Debug, RactorMessage)]
 pub enum RoomMessage {
-    /// A connection's request.
-    Request {
-        /// Where to send the reply.
-        origin: Origin,
-        /// What is asked.
-        op: RoomOp,
-        /// When the node received it.
-        received: Instant,
-    },
-    /// A node's connections, after the room moved or the node missed messages.
-    Subscribe {
-        /// The node.
-        node: NodeName,
-        /// The last seq it delivered.
-        cursor: u64,
-        /// Its connections in the room.
-        sessions: Vec<(SessionId, UserName)>,
-    },
-    /// A node's answer to this room's promise request.
-    Promised {
-        /// The epoch asked for.
-        epoch: Epoch,
-        /// Whether it was granted.
-        granted: bool,
-        /// The answering node.
-        node: NodeName,
-        /// Its log.
-        state: LogState,
-    },
-    /// A node's answer to an append.
-    Appended {
-        /// The append's epoch.
-        epoch: Epoch,
-        /// The answering node.
-        node: NodeName,
-        /// Whether it stored the entries.
-        ok: bool,
-        /// Its promised epoch.
-        promised: Epoch,
-        /// Its last seq.
-        last_seq: u64,
-    },
-    /// Entries fetched from the node holding the most up-to-date log.
-    Fetched {
-        /// The answering node.
-        node: NodeName,
-        /// The entries.
-        entries: Vec<Entry>,
-    },
+    /// A message from a node (this one included), and when it reached this node.
+    Peer(ToRoom, Instant),
     /// The view changed.
     ViewChanged(Arc<View>),
     /// Every connection of this node is gone (its hub restarted).
@@ -186,7 +144,7 @@ struct Inflight {
 /// A room's state.
 pub struct RoomState {
     id: RoomId,
-    cluster: Cluster,
+    net: Net,
     store: Store,
     config: RoomConfig,
     view: Arc<View>,
@@ -227,9 +185,9 @@ impl Actor for Room {
         myself: ActorRef<RoomMessage>,
         args: RoomArgs,
     ) -> Result<RoomState, ActorProcessingErr> {
-        let view = args.cluster.view();
-        let me = args.cluster.me().clone();
-        args.cluster.metrics().rooms_hosted.inc();
+        let view = args.view;
+        let me = args.net.me().clone();
+        args.net.metrics().rooms_hosted.inc();
         // Start the claim above what this node already promised (a hint: the keeper is the
         // authority and refuses a stale epoch anyway).
         let promised = args.store.log_state(&args.id).map_or(0, |s| s.promised);
@@ -241,7 +199,7 @@ impl Actor for Room {
                 nodes: vec![me],
             },
             id: args.id,
-            cluster: args.cluster,
+            net: args.net,
             store: args.store,
             config: args.config,
             view,
@@ -281,11 +239,14 @@ impl Actor for Room {
         let span = state.span.clone();
         let _entered = span.enter();
         match message {
-            RoomMessage::Request {
-                origin,
-                op,
+            RoomMessage::Peer(
+                ToRoom::Request {
+                    origin,
+                    op,
+                    hops: _,
+                },
                 received,
-            } => {
+            ) => {
                 state.last_activity = Instant::now();
                 if matches!(state.phase, Phase::Active) {
                     state.serve(&myself, origin, op, received);
@@ -310,11 +271,14 @@ impl Actor for Room {
                     });
                 }
             }
-            RoomMessage::Subscribe {
-                node,
-                cursor,
-                sessions,
-            } => {
+            RoomMessage::Peer(
+                ToRoom::Subscribe {
+                    node,
+                    cursor,
+                    sessions,
+                },
+                _,
+            ) => {
                 state.last_activity = Instant::now();
                 if matches!(state.phase, Phase::Active) {
                     state.subscribe(node, cursor, sessions);
@@ -322,20 +286,28 @@ impl Actor for Room {
                     state.subscriptions.push_back((node, cursor, sessions));
                 }
             }
-            RoomMessage::Promised {
-                epoch,
-                granted,
-                node,
-                state: log_state,
-            } => state.on_promised(&myself, epoch, granted, node, log_state),
-            RoomMessage::Appended {
-                epoch,
-                node,
-                ok,
-                promised,
-                last_seq,
-            } => state.on_appended(&myself, epoch, node, ok, promised, last_seq),
-            RoomMessage::Fetched { node, entries } => state.on_fetched(&myself, node, entries),
+            RoomMessage::Peer(
+                ToRoom::Promised {
+                    epoch,
+                    granted,
+                    node,
+                    state: log_state,
+                },
+                _,
+            ) => state.on_promised(&myself, epoch, granted, node, log_state),
+            RoomMessage::Peer(
+                ToRoom::Appended {
+                    epoch,
+                    node,
+                    ok,
+                    promised,
+                    last_seq,
+                },
+                _,
+            ) => state.on_appended(&myself, epoch, node, ok, promised, last_seq),
+            RoomMessage::Peer(ToRoom::Fetched { node, entries }, _) => {
+                state.on_fetched(&myself, node, entries)
+            }
             RoomMessage::ViewChanged(view) => state.on_view(&myself, view),
             RoomMessage::NodeReset(node) => {
                 for user in state.members.drop_node(&node) {
@@ -357,14 +329,14 @@ impl Actor for Room {
 /// requests it holds get `unavailable` at once instead of waiting for their timeout.
 impl Drop for RoomState {
     fn drop(&mut self) {
-        self.cluster.metrics().rooms_hosted.dec();
+        self.net.metrics().rooms_hosted.dec();
         self.fail_all("the room moved or restarted; retry");
     }
 }
 
 impl RoomState {
     fn me(&self) -> &NodeName {
-        self.cluster.me()
+        self.net.me()
     }
 
     // ---- claiming ----
@@ -386,9 +358,9 @@ impl RoomState {
         let own_sent = self.sent.get(&me).copied().unwrap_or(0);
         if self.epoch > 0 && own_sent < self.log.last_seq {
             let entries = self.range(own_sent + 1, self.log.last_seq, usize::MAX);
-            let _ = self.cluster.send(
+            let _ = self.net.to_keeper(
                 &me,
-                PeerMessage::Append {
+                ToKeeper::Append {
                     room: self.id.clone(),
                     epoch: self.epoch,
                     placement: self.placement.clone(),
@@ -408,9 +380,9 @@ impl RoomState {
         };
         let waiting: HashSet<NodeName> = self.view.up().cloned().collect();
         for node in &waiting {
-            let _ = self.cluster.send(
+            let _ = self.net.to_keeper(
                 node,
-                PeerMessage::Promise {
+                ToKeeper::Promise {
                     room: self.id.clone(),
                     epoch: self.epoch,
                     placement: self.placement.clone(),
@@ -445,7 +417,7 @@ impl RoomState {
         }
         if !granted {
             // Another claimer got there first: back off a little, then claim above it.
-            crate::metrics::Metrics::count(&self.cluster.metrics().room_claims, "refused");
+            crate::metrics::Metrics::count(&self.net.metrics().room_claims, "refused");
             let jitter = Duration::from_millis(20 + rand::random::<u64>() % 80);
             self.phase = Phase::Blocked {
                 until: Instant::now() + jitter,
@@ -453,7 +425,7 @@ impl RoomState {
             return;
         }
         waiting.remove(&node);
-        if &node == self.cluster.me() {
+        if &node == self.net.me() {
             // Our own answer goes first: `log::best` favours the first of equals (no copy).
             answers.insert(0, (node, log_state));
         } else {
@@ -468,7 +440,7 @@ impl RoomState {
     fn finish_claim(&mut self, myself: &ActorRef<RoomMessage>, answers: Vec<(NodeName, LogState)>) {
         if !log::covers_latest_placement(&answers) {
             tracing::warn!(room = %self.id, "no node of the room's latest placement answered; waiting");
-            crate::metrics::Metrics::count(&self.cluster.metrics().room_claims, "blocked");
+            crate::metrics::Metrics::count(&self.net.metrics().room_claims, "blocked");
             self.phase = Phase::Blocked {
                 until: Instant::now() + Duration::from_secs(1),
             };
@@ -504,9 +476,9 @@ impl RoomState {
             self.become_active(myself, answers);
         } else {
             tracing::info!(room = %self.id, from = %best_node, from_seq = shared + 1, to_seq = best.last_seq, "recovering log");
-            let _ = self.cluster.send(
+            let _ = self.net.to_keeper(
                 &best_node,
-                PeerMessage::Fetch {
+                ToKeeper::Fetch {
                     room: self.id.clone(),
                     from: me,
                     from_seq: shared + 1,
@@ -552,9 +524,9 @@ impl RoomState {
         // Write them to this node's own copy like any append (the keeper truncates after
         // `after_seq`); the acknowledgement arrives as `Appended` from ourselves.
         let me = self.me().clone();
-        let _ = self.cluster.send(
+        let _ = self.net.to_keeper(
             &me,
-            PeerMessage::Append {
+            ToKeeper::Append {
                 room: self.id.clone(),
                 epoch: self.epoch,
                 placement,
@@ -571,9 +543,9 @@ impl RoomState {
             };
             self.become_active(myself, answers);
         } else {
-            let _ = self.cluster.send(
+            let _ = self.net.to_keeper(
                 &node,
-                PeerMessage::Fetch {
+                ToKeeper::Fetch {
                     room: self.id.clone(),
                     from: self.me().clone(),
                     from_seq: self.log.last_seq + 1,
@@ -588,7 +560,7 @@ impl RoomState {
         myself: &ActorRef<RoomMessage>,
         answers: Vec<(NodeName, LogState)>,
     ) {
-        crate::metrics::Metrics::count(&self.cluster.metrics().room_claims, "won");
+        crate::metrics::Metrics::count(&self.net.metrics().room_claims, "won");
         let me = self.me().clone();
         self.acked.clear();
         let own_sent = self.sent.get(&me).copied().unwrap_or(0);
@@ -631,9 +603,9 @@ impl RoomState {
         self.advance_commit(last);
         self.pump();
         for node in self.view.up() {
-            let _ = self.cluster.send(
+            let _ = self.net.to_hub(
                 node,
-                PeerMessage::RoomActive {
+                ToHub::RoomActive {
                     room: self.id.clone(),
                     owner: me.clone(),
                 },
@@ -809,7 +781,7 @@ impl RoomState {
             origin,
             received,
         });
-        self.cluster.metrics().messages_stored.inc();
+        self.net.metrics().messages_stored.inc();
         if !self.flush_scheduled {
             self.flush_scheduled = true;
             let _ = myself.cast(RoomMessage::Flush);
@@ -841,9 +813,9 @@ impl RoomState {
                 let Some(last) = entries.last().map(|e| e.seq) else {
                     break;
                 };
-                let _ = self.cluster.send(
+                let _ = self.net.to_keeper(
                     &node,
-                    PeerMessage::Append {
+                    ToKeeper::Append {
                         room: self.id.clone(),
                         epoch: self.epoch,
                         placement: self.placement.clone(),
@@ -910,9 +882,9 @@ impl RoomState {
         self.commit = point;
         for chunk in chunks(entries) {
             for node in self.members.nodes() {
-                let _ = self.cluster.send(
+                let _ = self.net.to_hub(
                     node,
-                    PeerMessage::Fanout {
+                    ToHub::Fanout {
                         room: self.id.clone(),
                         entries: chunk.clone(),
                     },
@@ -923,7 +895,7 @@ impl RoomState {
             let Some(done) = self.inflight.pop_front() else {
                 break;
             };
-            self.cluster
+            self.net
                 .metrics()
                 .send_ack_seconds
                 .observe(done.received.elapsed().as_secs_f64());
@@ -950,9 +922,9 @@ impl RoomState {
         let from = (cursor + 1).max(self.commit.saturating_sub(self.config.replay_cap as u64) + 1);
         let entries = self.newest(from, self.commit, REPLAY_BYTES);
         for chunk in chunks(entries) {
-            let _ = self.cluster.send(
+            let _ = self.net.to_hub(
                 &node,
-                PeerMessage::Fanout {
+                ToHub::Fanout {
                     room: self.id.clone(),
                     entries: chunk,
                 },
@@ -962,9 +934,9 @@ impl RoomState {
 
     fn presence(&self, user: &UserName, event: PresenceEvent) {
         for node in self.members.nodes() {
-            let _ = self.cluster.send(
+            let _ = self.net.to_hub(
                 node,
-                PeerMessage::Presence {
+                ToHub::Presence {
                     room: self.id.clone(),
                     user: user.clone(),
                     event,
@@ -988,9 +960,9 @@ impl RoomState {
                 .cloned()
                 .collect();
             for node in returned {
-                let _ = self.cluster.send(
+                let _ = self.net.to_hub(
                     &node,
-                    PeerMessage::RoomActive {
+                    ToHub::RoomActive {
                         room: self.id.clone(),
                         owner: self.me().clone(),
                     },
@@ -1090,9 +1062,9 @@ impl RoomState {
         if origin.req == 0 {
             return;
         }
-        let _ = self.cluster.send(
+        let _ = self.net.to_hub(
             &origin.node,
-            PeerMessage::Reply {
+            ToHub::Reply {
                 req: origin.req,
                 reply,
             },
@@ -1230,11 +1202,4 @@ fn chunks(entries: Vec<Entry>) -> Vec<Vec<Entry>> {
         out.push(current);
     }
     out
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

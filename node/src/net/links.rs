@@ -8,7 +8,8 @@
 //!   with the smaller name dials; the other one dials too if nothing happened after a while, and
 //!   ractor_cluster keeps one of two simultaneous sessions);
 //! - when a session is ready it finds the peer's router through its process group and records
-//!   the link in [`Cluster`], which makes the peer usable;
+//!   the link in [`Net`], which makes the peer usable (and tells whoever watches
+//!   [`Net::links_changed`], the membership);
 //! - when the membership declares a member down (or restarted) it stops the session, so that
 //!   nothing queues towards a dead or frozen peer and pending work fails fast.
 //!
@@ -23,9 +24,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::node::NodeServerSessionInformation;
 use ractor_cluster::{NodeEventSubscription, NodeServerMessage, NodeSessionMessage, RactorMessage};
 
-use crate::cluster::Cluster;
-use crate::cluster::membership::MembershipMessage;
-use crate::cluster::router::{self, RouterMessage};
+use crate::net::Net;
+use crate::net::wire::{self, Link, RouterMessage};
 
 /// How long a dial may take before it counts as failed (a black-holed peer never answers).
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -44,7 +44,7 @@ pub struct Links;
 #[derive(Debug)]
 pub struct LinksArgs {
     /// Where links are recorded.
-    pub cluster: Cluster,
+    pub net: Net,
     /// The ractor_cluster node server.
     pub server: ActorRef<NodeServerMessage>,
 }
@@ -60,8 +60,6 @@ pub enum LinksMessage {
     Ready(NodeName, ActorRef<NodeSessionMessage>, u64),
     /// A session closed.
     Closed(NodeName, ractor::ActorId),
-    /// The membership actor to tell about link changes.
-    SetMembership(ActorRef<MembershipMessage>),
     /// Time to dial.
     Tick,
 }
@@ -77,7 +75,6 @@ pub struct LinksState {
     args: LinksArgs,
     desired: HashMap<NodeName, Peer>,
     sessions: HashMap<NodeName, ActorRef<NodeSessionMessage>>,
-    membership: Option<ActorRef<MembershipMessage>>,
 }
 
 /// Forwards node server events to the links actor (callbacks must not block).
@@ -128,8 +125,20 @@ impl Actor for Links {
             args,
             desired: HashMap::new(),
             sessions: HashMap::new(),
-            membership: None,
         })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<LinksMessage>,
+        state: &mut LinksState,
+    ) -> Result<(), ActorProcessingErr> {
+        // A restarted links actor starts with no session: nothing may be sent on the old ones.
+        for (name, session) in state.sessions.drain() {
+            session.stop(Some("links stopped".into()));
+            state.args.net.remove_link(&name);
+        }
+        Ok(())
     }
 
     async fn handle(
@@ -175,19 +184,16 @@ impl Actor for Links {
                     return Ok(());
                 };
                 tracing::info!(peer = %name, "node session ready");
-                state.args.cluster.add_link(name.clone(), router);
-                state.sessions.insert(name, session);
-                state.changed();
+                state.sessions.insert(name.clone(), session);
+                state.args.net.add_link(name, Link::new(router));
             }
             LinksMessage::Closed(name, id) => {
                 if state.sessions.get(&name).is_some_and(|s| s.get_id() == id) {
                     tracing::info!(peer = %name, "node session closed");
                     state.sessions.remove(&name);
-                    state.args.cluster.remove_link(&name);
-                    state.changed();
+                    state.args.net.remove_link(&name);
                 }
             }
-            LinksMessage::SetMembership(membership) => state.membership = Some(membership),
             LinksMessage::Tick => state.dial(&myself),
         }
         Ok(())
@@ -195,24 +201,17 @@ impl Actor for Links {
 }
 
 impl LinksState {
-    fn changed(&self) {
-        if let Some(membership) = &self.membership {
-            let _ = membership.cast(MembershipMessage::LinksChanged);
-        }
-    }
-
     fn drop_session(&mut self, name: &NodeName, why: &str) {
         if let Some(session) = self.sessions.remove(name) {
             tracing::info!(peer = %name, why, "stopping node session");
             session.stop(Some(why.to_owned()));
-            self.args.cluster.remove_link(name);
-            self.changed();
+            self.args.net.remove_link(name);
         }
     }
 
     fn dial(&mut self, myself: &ActorRef<LinksMessage>) {
         let now = Instant::now();
-        let me = self.args.cluster.me().clone();
+        let me = self.args.net.me().clone();
         for (name, peer) in &mut self.desired {
             if self.sessions.contains_key(name) {
                 continue;
@@ -251,8 +250,7 @@ impl LinksState {
 /// previous session may linger there for a moment).
 async fn find_router(name: &NodeName, node_id: u64) -> Option<ActorRef<RouterMessage>> {
     for _ in 0..20 {
-        let members =
-            ractor::pg::get_scoped_members(&router::SCOPE.to_owned(), &router::group(name));
+        let members = ractor::pg::get_scoped_members(&wire::SCOPE.to_owned(), &wire::group(name));
         if let Some(cell) = members
             .into_iter()
             .find(|c| !c.get_id().is_local() && c.get_id().node() == node_id)

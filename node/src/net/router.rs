@@ -1,45 +1,27 @@
 //! The Router actor: the only actor of a node that other nodes can message.
 //!
 //! ractor_cluster gives every remotable actor a stand-in on every peer, so the node exposes one:
-//! peers find it through the process group `router.<node name>` and cast it encoded
-//! [`Envelope`]s. It decodes each one with the codec (a payload that fails to decode is logged
-//! and counted, never silently dropped), credits the sender for flow control, and hands the
-//! message to the local actor that handles it.
+//! peers find it through the process group [`wire::group`] and cast it encoded envelopes. It
+//! decodes each one (a payload that fails to decode is logged and counted, never silently
+//! dropped), credits the sender for flow control, and hands the message to [`Net::deliver`].
 
 use std::collections::HashMap;
 
 use chat_protocol::NodeName;
-use chat_protocol::codec;
-use chat_protocol::peer::{Envelope, PeerMessage};
+use chat_protocol::peer::PeerMessage;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use ractor_cluster::RactorClusterMessage;
 
-use crate::cluster::Cluster;
-
-/// The process-group scope of routers.
-pub const SCOPE: &str = "chat";
-/// Bytes received from a peer between two credits sent back to it.
-const CREDIT_EVERY: u64 = 256 << 10;
-
-/// The process group of `node`'s router.
-pub fn group(node: &NodeName) -> String {
-    format!("router.{node}")
-}
+use crate::metrics::Direction;
+use crate::net::Net;
+use crate::net::wire::{self, CREDIT_EVERY, RouterMessage};
 
 /// The Router actor.
 #[derive(Debug)]
 pub struct Router;
 
-/// Messages of the router (remotable: they cross nodes).
-#[derive(Debug, RactorClusterMessage)]
-pub enum RouterMessage {
-    /// An encoded [`Envelope`] from a peer.
-    Deliver(Vec<u8>),
-}
-
 /// The router's state.
 pub struct RouterState {
-    cluster: Cluster,
+    net: Net,
     received: HashMap<NodeName, u64>,
     last_failure_log: Option<std::time::Instant>,
 }
@@ -47,20 +29,20 @@ pub struct RouterState {
 impl Actor for Router {
     type Msg = RouterMessage;
     type State = RouterState;
-    type Arguments = Cluster;
+    type Arguments = Net;
 
     async fn pre_start(
         &self,
         myself: ActorRef<RouterMessage>,
-        cluster: Cluster,
+        net: Net,
     ) -> Result<RouterState, ActorProcessingErr> {
         ractor::pg::join_scoped(
-            SCOPE.to_owned(),
-            group(cluster.me()),
+            wire::SCOPE.to_owned(),
+            wire::group(net.me()),
             vec![myself.get_cell()],
         );
         Ok(RouterState {
-            cluster,
+            net,
             received: HashMap::new(),
             last_failure_log: None,
         })
@@ -73,10 +55,10 @@ impl Actor for Router {
         state: &mut RouterState,
     ) -> Result<(), ActorProcessingErr> {
         let RouterMessage::Deliver(bytes) = message;
-        let envelope: Envelope = match codec::decode(&bytes) {
+        let envelope = match wire::decode(&bytes) {
             Ok(envelope) => envelope,
             Err(e) => {
-                state.cluster.count_decode_failure();
+                state.net.metrics().peer_decode_failures.inc();
                 // A peer speaking garbage must not flood the log: one line per second at most.
                 let now = std::time::Instant::now();
                 if state
@@ -91,22 +73,21 @@ impl Actor for Router {
         };
         let from = envelope.from;
         state
-            .cluster
-            .count_received(envelope.message.kind(), bytes.len());
+            .net
+            .metrics()
+            .peer(Direction::Received, envelope.message.kind(), bytes.len());
         if let PeerMessage::Credit { bytes } = envelope.message {
-            state.cluster.credit(&from, bytes);
+            state.net.credit(&from, bytes);
             return Ok(());
         }
         let received = state.received.entry(from.clone()).or_insert(0);
         *received += bytes.len() as u64;
         if *received >= CREDIT_EVERY {
             let credit = std::mem::take(received);
-            let _ = state
-                .cluster
-                .send(&from, PeerMessage::Credit { bytes: credit });
+            let _ = state.net.send(&from, PeerMessage::Credit { bytes: credit });
         }
-        if state.cluster.dispatch(envelope.message).is_err() {
-            tracing::debug!(peer = %from, "no local actor for a peer message");
+        if state.net.deliver(envelope.message).is_err() {
+            tracing::debug!(peer = %from, "no local receiver for a peer message");
         }
         Ok(())
     }

@@ -1,0 +1,171 @@
+//! The bounded queue of frames between the node and one client connection.
+//!
+//! Whoever delivers to a client (the hub, the session) pushes without waiting. When the queue is
+//! full the client is too slow: the outbox trips its close signal and the connection's writer
+//! task closes it with 1013, so a stalled client never slows a room or anyone else.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+/// Why the node closes a connection (the WebSocket close code and reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closing {
+    /// 1001: the node is shutting down.
+    Shutdown,
+    /// 1009: a frame or message over `max-frame-bytes`.
+    TooLarge,
+    /// 1013: the client does not read its queue fast enough.
+    TooSlow,
+    /// 1011: an internal failure of the connection's actor.
+    Internal,
+    /// 1000: a normal close.
+    Normal,
+}
+
+impl Closing {
+    /// The close frame sent to the client.
+    pub fn frame(self) -> CloseFrame {
+        let (code, reason) = match self {
+            Closing::Shutdown => (CloseCode::Away, "node shutting down"),
+            Closing::TooLarge => (CloseCode::Size, "frame or message too large"),
+            Closing::TooSlow => (CloseCode::Again, "client too slow to read its queue"),
+            Closing::Internal => (CloseCode::Error, "internal error"),
+            Closing::Normal => (CloseCode::Normal, ""),
+        };
+        CloseFrame {
+            code,
+            reason: reason.into(),
+        }
+    }
+
+    /// The reason as a metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Closing::Shutdown => "shutdown",
+            Closing::TooLarge => "too_large",
+            Closing::TooSlow => "slow",
+            Closing::Internal => "internal",
+            Closing::Normal => "normal",
+        }
+    }
+}
+
+/// What the outbox holds: one frame, or frames that must go out together (a join's reply and
+/// its replay, a catch-up after a room moved). A batch takes one slot: a client is cut off for
+/// not reading, not for having asked for a long replay.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// One frame.
+    Frame(Utf8Bytes),
+    /// Several frames, in order.
+    Batch(Vec<Utf8Bytes>),
+}
+
+/// The bounded queue of frames towards one client. Cheap to clone.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Outgoing>,
+    close: Arc<watch::Sender<Option<Closing>>>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Outbox")
+    }
+}
+
+impl Outbox {
+    /// Queues a frame without waiting; false if it could not be queued. A full queue closes
+    /// the connection (1013).
+    pub fn push(&self, frame: Utf8Bytes) -> bool {
+        self.queue(Outgoing::Frame(frame))
+    }
+
+    /// Queues frames that go out together, in one slot of the queue.
+    pub fn push_batch(&self, frames: Vec<Utf8Bytes>) -> bool {
+        match frames.len() {
+            0 => true,
+            _ => self.queue(Outgoing::Batch(frames)),
+        }
+    }
+
+    fn queue(&self, outgoing: Outgoing) -> bool {
+        match self.tx.try_send(outgoing) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.close(Closing::TooSlow);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Queues a JSON text frame.
+    pub fn push_text(&self, text: String) -> bool {
+        self.push(Utf8Bytes::from(text))
+    }
+
+    /// Closes the connection with `why` (the first reason given wins).
+    pub fn close(&self, why: Closing) {
+        self.close.send_if_modified(|current| {
+            if current.is_none() {
+                *current = Some(why);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Whether the connection is closing.
+    pub fn is_closing(&self) -> bool {
+        self.close.borrow().is_some()
+    }
+}
+
+/// Creates an outbox holding up to `capacity` entries, and the ends the writer task needs.
+pub fn outbox(
+    capacity: usize,
+) -> (
+    Outbox,
+    mpsc::Receiver<Outgoing>,
+    watch::Receiver<Option<Closing>>,
+) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let (close_tx, close_rx) = watch::channel(None);
+    (
+        Outbox {
+            tx,
+            close: Arc::new(close_tx),
+        },
+        rx,
+        close_rx,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_outbox_closes_with_1013_and_the_first_reason_wins() {
+        let (outbox, _rx, close) = outbox(2);
+        assert!(outbox.push_text("a".into()));
+        assert!(outbox.push_text("b".into()));
+        assert!(!outbox.is_closing());
+        assert!(
+            !outbox.push_text("c".into()),
+            "the third frame does not fit"
+        );
+        assert_eq!(*close.borrow(), Some(Closing::TooSlow));
+        outbox.close(Closing::Shutdown);
+        assert_eq!(*close.borrow(), Some(Closing::TooSlow));
+        assert_eq!(Closing::TooSlow.frame().code, CloseCode::Again);
+        assert_eq!(u16::from(Closing::TooLarge.frame().code), 1009);
+        assert_eq!(u16::from(Closing::Shutdown.frame().code), 1001);
+    }
+}
