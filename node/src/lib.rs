@@ -56,7 +56,7 @@ use crate::gateway::session::Limits;
 use crate::gateway::sessions::SessionsMessage;
 use crate::metrics::Metrics;
 use crate::net::Net;
-use crate::rooms::room::RoomConfig;
+use crate::rooms::core::RoomConfig;
 use crate::settings::Settings;
 use crate::store::{Store, Writer};
 use crate::supervisor::{Root, RootArgs, RootMessage};
@@ -145,6 +145,7 @@ pub async fn start_node(settings: Settings) -> anyhow::Result<NodeHandle> {
         replay_cap: settings.replay_cap,
         idle: Duration::from_millis(settings.room_idle_ms),
         queue_timeout: Duration::from_millis(settings.request_timeout_ms * 4 / 5),
+        flaw: None,
     };
     let hub = Slot::default();
     let sessions = Slot::default();

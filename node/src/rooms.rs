@@ -10,11 +10,14 @@
 //!
 //! - [`host`]: routes requests to the room actors of rooms this node owns, creates them on
 //!   first use, forwards requests sent on a stale view, restarts rooms that fail.
-//! - [`room`]: the Room actor.
-//! - [`keeper`]: the LogKeeper actor.
+//! - [`core`]: the pure core of a room's owner (claim, recovery, sequencing, dedupe,
+//!   replication, commit, fan-out).
+//! - [`room`]: the Room actor, a thin shell around the core.
+//! - [`keeper`]: the LogKeeper: its pure core and its actor.
 //! - [`log`]: the pure rules of the replicated log (promises, appends, choosing the best log).
 //! - [`members`]: the pure bookkeeping of a room's connections and presence.
 
+pub mod core;
 pub mod host;
 pub mod keeper;
 pub mod log;

@@ -31,6 +31,10 @@ const ENTRIES: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("e
 const LOGS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("logs");
 const NODE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("node");
 
+/// The first byte of every stored value. Format 1 wrote room log states without `synced`; they
+/// are read and converted (values are rewritten in format 2 as rooms write again).
+const STORE_VERSION: u8 = 2;
+
 /// Writes handed to the writer thread at most per transaction; bounds a commit's latency.
 const MAX_BATCH: usize = 4096;
 
@@ -53,7 +57,7 @@ fn db_err(e: impl std::fmt::Display) -> StoreError {
 }
 
 /// One change to the store.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Write {
     /// Changes a room's log: drop entries after `truncate_after` (if set), insert `entries`,
     /// and record `state` as the room's new log state.
@@ -124,7 +128,7 @@ impl Store {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(LOGS).map_err(db_err)?;
         match table.get(room.as_str()).map_err(db_err)? {
-            Some(value) => decode(value.value()),
+            Some(value) => decode_log_state(value.value()),
             None => Ok(LogState::default()),
         }
     }
@@ -137,7 +141,7 @@ impl Store {
         for item in table.iter().map_err(db_err)? {
             let (key, value) = item.map_err(db_err)?;
             let room = RoomId::new(key.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            rooms.push((room, decode(value.value())?));
+            rooms.push((room, decode_log_state(value.value())?));
         }
         Ok(rooms)
     }
@@ -230,7 +234,7 @@ impl Store {
                 None => 0,
             };
             let next = (current + 1).max(floor);
-            let bytes = codec::encode(&next).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let bytes = encode(&next)?;
             table
                 .insert("incarnation", bytes.as_slice())
                 .map_err(db_err)?;
@@ -284,11 +288,49 @@ impl Store {
 }
 
 fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
-    codec::encode(value).map_err(|e| StoreError::Corrupt(e.to_string()))
+    codec::encode_versioned(STORE_VERSION, value).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
-    codec::decode(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+    let corrupt = |e: codec::CodecError| StoreError::Corrupt(e.to_string());
+    match bytes.split_first() {
+        // Every value but a log state is written the same way in both formats.
+        Some((&version, body)) if version == 1 || version == STORE_VERSION => {
+            codec::decode_body(body).map_err(corrupt)
+        }
+        Some((version, _)) => Err(StoreError::Corrupt(format!(
+            "store format {version}, expected {STORE_VERSION} (or 1)"
+        ))),
+        None => Err(StoreError::Corrupt("empty value".into())),
+    }
+}
+
+/// A room's log state as format 1 stored it (before `synced`).
+#[derive(serde::Deserialize)]
+struct LogStateV1 {
+    promised: chat_protocol::peer::Epoch,
+    last_seq: u64,
+    runs: Vec<chat_protocol::peer::Run>,
+    placement: Option<chat_protocol::peer::Placement>,
+}
+
+fn decode_log_state(bytes: &[u8]) -> Result<LogState, StoreError> {
+    if bytes.first() != Some(&1) {
+        return decode(bytes);
+    }
+    let old: LogStateV1 = decode(bytes)?;
+    // Format 1 compared copies by the epoch of their last entry: that is the sync label.
+    let synced = match old.last_seq {
+        0 => 0,
+        _ => old.runs.last().map_or(0, |run| run.epoch),
+    };
+    Ok(LogState {
+        promised: old.promised,
+        last_seq: old.last_seq,
+        runs: old.runs,
+        placement: old.placement,
+        synced,
+    })
 }
 
 /// The handle to the writer thread: queue a write with [`Writer::submit`].
@@ -377,6 +419,7 @@ mod tests {
 
     fn state(last_seq: u64, epoch: u64) -> LogState {
         LogState {
+            synced: epoch,
             promised: epoch,
             last_seq,
             runs: vec![Run {
@@ -551,5 +594,70 @@ mod tests {
             .next_incarnation(1_000)
             .unwrap();
         assert_eq!(c, 1_000);
+    }
+
+    #[test]
+    fn log_states_of_the_first_format_are_read_with_their_last_epoch_as_sync_label() {
+        #[derive(serde::Serialize)]
+        struct V1 {
+            promised: u64,
+            last_seq: u64,
+            runs: Vec<Run>,
+            placement: Option<chat_protocol::peer::Placement>,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let room = RoomId::new("old").unwrap();
+        let runs = vec![
+            Run {
+                epoch: 2,
+                first_seq: 1,
+            },
+            Run {
+                epoch: 5,
+                first_seq: 4,
+            },
+        ];
+        let v1 = V1 {
+            promised: 6,
+            last_seq: 9,
+            runs: runs.clone(),
+            placement: None,
+        };
+        let bytes = codec::encode_versioned(1, &v1).unwrap();
+        {
+            let txn = store.db.begin_write().unwrap();
+            txn.open_table(LOGS)
+                .unwrap()
+                .insert("old", bytes.as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let read = store.log_state(&room).unwrap();
+        assert_eq!(
+            read,
+            LogState {
+                promised: 6,
+                last_seq: 9,
+                runs,
+                placement: None,
+                synced: 5,
+            }
+        );
+        assert_eq!(store.rooms().unwrap(), vec![(room.clone(), read.clone())]);
+        // Written again, it is in the current format.
+        store
+            .apply(&[Write::Log {
+                room: room.clone(),
+                state: read.clone(),
+                truncate_after: None,
+                entries: Vec::new(),
+            }])
+            .unwrap();
+        assert_eq!(store.log_state(&room).unwrap(), read);
+        assert!(matches!(
+            decode::<u64>(&[9, 0]),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 }

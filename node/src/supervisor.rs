@@ -36,9 +36,9 @@ use crate::gateway::sessions::{Sessions, SessionsMessage};
 use crate::hub::{Hub, HubArgs, HubMessage};
 use crate::metrics::Metrics;
 use crate::net::Net;
+use crate::rooms::core::RoomConfig;
 use crate::rooms::host::{HostArgs, HostMessage, RoomHost};
 use crate::rooms::keeper::{KeeperArgs, LogKeeper};
-use crate::rooms::room::RoomConfig;
 use crate::store::{Store, Writer};
 
 /// Restarts of the node's actors allowed within [`RESTART_WINDOW`].

@@ -39,13 +39,7 @@ pub enum CodecError {
 
 /// Encodes `value` as a version byte followed by its bincode encoding.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
-    let mut bytes = vec![WIRE_VERSION];
-    bincode::serde::encode_into_std_write(value, &mut bytes, CONFIG)
-        .map_err(|e| CodecError::Malformed(e.to_string()))?;
-    if bytes.len() > MAX_MESSAGE_BYTES {
-        return Err(CodecError::TooLarge(bytes.len()));
-    }
-    Ok(bytes)
+    encode_versioned(WIRE_VERSION, value)
 }
 
 /// Decodes a payload made by [`encode`]; trailing bytes are an error.
@@ -54,8 +48,25 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     if version != WIRE_VERSION {
         return Err(CodecError::Version(version));
     }
+    decode_body(body)
+}
+
+/// Encodes `value` behind the version byte `version` (formats with their own versions, such as
+/// the store's, use the same encoding).
+pub fn encode_versioned<T: Serialize>(version: u8, value: &T) -> Result<Vec<u8>, CodecError> {
+    let mut bytes = vec![version];
+    bincode::serde::encode_into_std_write(value, &mut bytes, CONFIG)
+        .map_err(|e| CodecError::Malformed(e.to_string()))?;
     if bytes.len() > MAX_MESSAGE_BYTES {
         return Err(CodecError::TooLarge(bytes.len()));
+    }
+    Ok(bytes)
+}
+
+/// Decodes an encoding without its version byte; trailing bytes are an error.
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
+    if body.len() >= MAX_MESSAGE_BYTES {
+        return Err(CodecError::TooLarge(body.len() + 1));
     }
     let (value, read) = bincode::serde::decode_from_slice(body, CONFIG)
         .map_err(|e| CodecError::Malformed(e.to_string()))?;

@@ -73,6 +73,37 @@ pub struct LogState {
     pub runs: Vec<Run>,
     /// The placement of the latest epoch this node accepted, if any.
     pub placement: Option<Placement>,
+    /// The epoch of the owner that last brought this copy up to date: the copy is a prefix of
+    /// that owner's log holding at least the log the owner adopted when it claimed the room
+    /// (0: never). Claims adopt the copy with the highest `synced`, then the longest.
+    pub synced: Epoch,
+}
+
+/// What a log keeper did with an append.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AppendOutcome {
+    /// Stored durably: the copy is the owner's log up to `last_seq`.
+    Stored {
+        /// The copy's last sequence number.
+        last_seq: u64,
+    },
+    /// Refused: the node promised a newer epoch; the writer lost the room.
+    Fenced {
+        /// The promised epoch.
+        promised: Epoch,
+    },
+    /// Refused: the node has not promised this epoch (it lost its promise with its disk): the
+    /// owner must claim again.
+    NotPromised {
+        /// The promised epoch.
+        promised: Epoch,
+    },
+    /// Refused: the entries do not follow the copy; the copy is described so that the owner can
+    /// resend from where the two agree.
+    Diverged {
+        /// The copy.
+        state: LogState,
+    },
 }
 
 /// A request to the owner of a room, from a connection on `origin.node`.
@@ -285,18 +316,15 @@ pub enum ToRoom {
         /// The answering node's log.
         state: LogState,
     },
-    /// A log keeper's answer to [`ToKeeper::Append`], once the entries are durable.
+    /// A log keeper's answer to [`ToKeeper::Append`] (once the entries are durable when they
+    /// were stored).
     Appended {
         /// The epoch of the append.
         epoch: Epoch,
         /// The answering node.
         node: NodeName,
-        /// Whether the entries were stored.
-        ok: bool,
-        /// The receiver's promised epoch.
-        promised: Epoch,
-        /// The receiver's last sequence number after the append.
-        last_seq: u64,
+        /// What became of it.
+        outcome: AppendOutcome,
     },
     /// A log keeper's answer to [`ToKeeper::Fetch`]: a prefix of the wanted range (empty when
     /// nothing is held).
@@ -333,9 +361,10 @@ pub enum ToKeeper {
         /// The placement the claimer will use.
         placement: Placement,
     },
-    /// The owner of `epoch` writes entries: the receiver drops what it holds after `after_seq`
-    /// (an unacknowledged suffix, or the same entries again), then stores `entries`, which start
-    /// at `after_seq + 1`.
+    /// The owner of `epoch` writes entries. The receiver accepts only the epoch it promised,
+    /// and only when its entry at `after_seq` is the owner's (same epoch: the log matching
+    /// check); it then stores `entries` (which start at `after_seq + 1`), keeps what it holds
+    /// beyond them as long as it matches the owner's log (`owner_runs`), and drops the rest.
     Append {
         /// The room.
         room: RoomId,
@@ -345,8 +374,17 @@ pub enum ToKeeper {
         placement: Placement,
         /// The entries follow this sequence number.
         after_seq: u64,
+        /// The epoch of the owner's entry at `after_seq` (0 when `after_seq` is 0).
+        after_epoch: Epoch,
         /// The entries.
         entries: Vec<Entry>,
+        /// The owner's last sequence number.
+        owner_last_seq: u64,
+        /// The epochs of the owner's entries after `after_seq`, as runs.
+        owner_runs: Vec<Run>,
+        /// The owner's log when it claimed the room: a copy holding this much of the owner's log
+        /// is synced with the owner's epoch.
+        adopted: u64,
     },
     /// Asks for the entries `from_seq..=to_seq` of a room (in bounded chunks).
     Fetch {

@@ -30,7 +30,8 @@ use crate::actors::{Tasks, forward};
 use crate::cluster::Views;
 use crate::cluster::view::View;
 use crate::net::Net;
-use crate::rooms::room::{Room, RoomArgs, RoomConfig, RoomMessage};
+use crate::rooms::core::RoomConfig;
+use crate::rooms::room::{Room, RoomArgs, RoomMessage};
 use crate::store::Store;
 
 /// Restarts of one room allowed within [`RESTART_WINDOW`].

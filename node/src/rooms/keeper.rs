@@ -1,29 +1,232 @@
 //! The log keeper: this node's copies of room logs, whoever owns the rooms.
 //!
 //! Owners (local or remote room actors) ask it to promise epochs, append entries and hand out
-//! entries; it checks each request against the rules in [`super::log`], queues the durable
-//! write on the store writer, and answers the owner once the write is on disk. It is the only
-//! writer of room logs on this node, so its in-memory [`LogState`]s (which include writes still
-//! queued) are the node's truth about what it holds.
+//! entries. [`KeeperCore`] checks each request against the rules in [`super::log`] and decides
+//! what to write and answer; the [`LogKeeper`] actor queues the durable write on the store
+//! writer and the answer goes to the owner only once the write is on disk. The keeper is the
+//! only writer of room logs on this node, so the core's in-memory [`LogState`]s (which include
+//! writes still queued) are the node's truth about what it holds.
 //!
 //! Answers go out from the store writer thread, in commit order, so an owner sees its appends
 //! acknowledged in the order it sent them.
 
 use std::collections::HashMap;
 
-use chat_protocol::peer::{LogState, ToKeeper, ToRoom};
+use chat_protocol::peer::{AppendOutcome, LogState, ToKeeper, ToRoom};
 use chat_protocol::{NodeName, RoomId};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
 
 use crate::net::Net;
 use crate::rooms::log::{self, Refusal};
-use crate::store::{Store, Write, Writer};
+use crate::store::{Store, StoreError, Write, Writer};
 
 /// Entries handed out per `Fetched` answer, at most.
-const FETCH_MAX_ENTRIES: u64 = 1000;
+pub const FETCH_MAX_ENTRIES: u64 = 1000;
 /// Text bytes handed out per `Fetched` answer, about.
-const FETCH_MAX_BYTES: usize = 1 << 20;
+pub const FETCH_MAX_BYTES: usize = 1 << 20;
+
+/// What the keeper decided; its actor (or the simulation) carries it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeeperEffect {
+    /// Makes `write` durable, then sends `answer` to the room's actor on `to`; nothing is
+    /// answered when the write fails (the owner asks again).
+    Write {
+        /// The room.
+        room: RoomId,
+        /// The change.
+        write: Write,
+        /// The owner.
+        to: NodeName,
+        /// The answer once durable.
+        answer: ToRoom,
+    },
+    /// Sends `answer` to the room's actor on `to` at once (a refusal).
+    Answer {
+        /// The room.
+        room: RoomId,
+        /// The owner.
+        to: NodeName,
+        /// The answer.
+        answer: ToRoom,
+    },
+    /// Reads `from_seq..=to_seq` (bounded by [`FETCH_MAX_ENTRIES`] and [`FETCH_MAX_BYTES`])
+    /// from the store and sends them to the room's actor on `to` as `Fetched`.
+    Fetch {
+        /// The room.
+        room: RoomId,
+        /// The asking owner.
+        to: NodeName,
+        /// The first entry.
+        from_seq: u64,
+        /// The last entry.
+        to_seq: u64,
+    },
+}
+
+/// The rules of this node's copies of room logs, without I/O.
+#[derive(Debug)]
+pub struct KeeperCore {
+    me: NodeName,
+    logs: HashMap<RoomId, LogState>,
+}
+
+impl KeeperCore {
+    /// The keeper of node `me`, with nothing loaded.
+    pub fn new(me: NodeName) -> KeeperCore {
+        KeeperCore {
+            me,
+            logs: HashMap::new(),
+        }
+    }
+
+    /// Handles a request from an owner; `load` reads a room's state from the store the first
+    /// time the room is seen (an error there means the disk is failing).
+    pub fn on(
+        &mut self,
+        message: ToKeeper,
+        load: impl FnOnce(&RoomId) -> Result<LogState, StoreError>,
+    ) -> Result<Option<KeeperEffect>, StoreError> {
+        let room = message.room().clone();
+        let current = match self.logs.get(&room) {
+            Some(state) => state.clone(),
+            None => {
+                let state = load(&room)?;
+                self.logs.insert(room.clone(), state.clone());
+                state
+            }
+        };
+        let me = self.me.clone();
+        let effect = match message {
+            ToKeeper::Promise {
+                room,
+                epoch,
+                placement,
+            } => {
+                let Some(claimer) = placement.nodes.first().cloned() else {
+                    return Ok(None);
+                };
+                match log::promise(&current, epoch, &placement) {
+                    Some(next) => {
+                        self.logs.insert(room.clone(), next.clone());
+                        KeeperEffect::Write {
+                            write: Write::Log {
+                                room: room.clone(),
+                                state: next.clone(),
+                                truncate_after: None,
+                                entries: Vec::new(),
+                            },
+                            room,
+                            to: claimer,
+                            answer: ToRoom::Promised {
+                                epoch,
+                                granted: true,
+                                node: me,
+                                state: next,
+                            },
+                        }
+                    }
+                    None => KeeperEffect::Answer {
+                        room,
+                        to: claimer,
+                        answer: ToRoom::Promised {
+                            epoch,
+                            granted: false,
+                            node: me,
+                            state: current,
+                        },
+                    },
+                }
+            }
+            ToKeeper::Append {
+                room,
+                epoch,
+                placement,
+                after_seq,
+                after_epoch,
+                entries,
+                owner_last_seq,
+                owner_runs,
+                adopted,
+            } => {
+                let Some(owner) = placement.nodes.first().cloned() else {
+                    return Ok(None);
+                };
+                let append = log::Append {
+                    epoch,
+                    placement: &placement,
+                    after_seq,
+                    after_epoch,
+                    entries: &entries,
+                    owner_last_seq,
+                    owner_runs: &owner_runs,
+                    adopted,
+                };
+                let refused = |outcome| KeeperEffect::Answer {
+                    room: room.clone(),
+                    to: owner.clone(),
+                    answer: ToRoom::Appended {
+                        epoch,
+                        node: me.clone(),
+                        outcome,
+                    },
+                };
+                match log::append(&current, &append) {
+                    Ok(applied) => {
+                        self.logs.insert(room.clone(), applied.state.clone());
+                        KeeperEffect::Write {
+                            write: Write::Log {
+                                room: room.clone(),
+                                state: applied.state.clone(),
+                                truncate_after: applied.truncate_after,
+                                entries,
+                            },
+                            room,
+                            to: owner,
+                            answer: ToRoom::Appended {
+                                epoch,
+                                node: me,
+                                outcome: AppendOutcome::Stored {
+                                    last_seq: applied.state.last_seq,
+                                },
+                            },
+                        }
+                    }
+                    Err(Refusal::Fenced { promised }) => {
+                        refused(AppendOutcome::Fenced { promised })
+                    }
+                    Err(Refusal::NotPromised { promised }) => {
+                        refused(AppendOutcome::NotPromised { promised })
+                    }
+                    Err(refusal @ (Refusal::Diverged | Refusal::Malformed)) => {
+                        if refusal == Refusal::Malformed {
+                            tracing::warn!(room = %room, epoch, by = %owner, "malformed append refused");
+                        }
+                        refused(AppendOutcome::Diverged { state: current })
+                    }
+                }
+            }
+            ToKeeper::Fetch {
+                room,
+                from,
+                from_seq,
+                to_seq,
+            } => KeeperEffect::Fetch {
+                room,
+                to: from,
+                from_seq,
+                to_seq: to_seq.min(from_seq.saturating_add(FETCH_MAX_ENTRIES - 1)),
+            },
+        };
+        Ok(Some(effect))
+    }
+
+    /// A queued write of `room` failed: its cached state may be ahead of the disk; it is read
+    /// again on next use.
+    pub fn write_failed(&mut self, room: &RoomId) {
+        self.logs.remove(room);
+    }
+}
 
 /// The log keeper actor.
 #[derive(Debug)]
@@ -43,7 +246,7 @@ pub struct KeeperArgs {
 /// The log keeper's state.
 pub struct KeeperState {
     args: KeeperArgs,
-    logs: HashMap<RoomId, LogState>,
+    core: KeeperCore,
 }
 
 /// Messages of the log keeper.
@@ -70,8 +273,8 @@ impl Actor for LogKeeper {
             keeper.cast(KeeperMessage::Peer(m)).is_ok()
         }));
         Ok(KeeperState {
+            core: KeeperCore::new(args.net.me().clone()),
             args,
-            logs: HashMap::new(),
         })
     }
 
@@ -82,108 +285,55 @@ impl Actor for LogKeeper {
         state: &mut KeeperState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            KeeperMessage::Peer(ToKeeper::Promise {
-                room,
-                epoch,
-                placement,
-            }) => {
-                let current = state.log(&room)?;
-                let claimer = placement.nodes.first().cloned();
-                let Some(claimer) = claimer else {
-                    return Ok(());
-                };
-                match log::promise(&current, epoch, &placement) {
-                    Some(next) => {
-                        state.logs.insert(room.clone(), next.clone());
-                        let answer = ToRoom::Promised {
-                            epoch,
-                            granted: true,
-                            node: state.args.net.me().clone(),
-                            state: next.clone(),
-                        };
-                        state.write(
-                            &myself,
-                            claimer,
-                            Write::Log {
-                                room,
-                                state: next,
-                                truncate_after: None,
-                                entries: Vec::new(),
-                            },
-                            answer,
-                        );
-                    }
-                    None => {
-                        let answer = ToRoom::Promised {
-                            epoch,
-                            granted: false,
-                            node: state.args.net.me().clone(),
-                            state: current,
-                        };
-                        let _ = state.args.net.to_room(&claimer, room, answer);
-                    }
+            KeeperMessage::Peer(message) => {
+                let store = &state.args.store;
+                // A read error means the disk is failing: stop and let the supervisor decide.
+                let effect = state.core.on(message, |room| store.log_state(room))?;
+                if let Some(effect) = effect {
+                    state.carry_out(&myself, effect);
                 }
             }
-            KeeperMessage::Peer(ToKeeper::Append {
-                room,
-                epoch,
-                placement,
-                after_seq,
-                entries,
-            }) => {
-                let Some(owner) = placement.nodes.first().cloned() else {
-                    return Ok(());
-                };
-                let current = state.log(&room)?;
-                let me = state.args.net.me().clone();
-                match log::append(&current, epoch, &placement, after_seq, &entries) {
-                    Ok((next, truncates)) => {
-                        state.logs.insert(room.clone(), next.clone());
-                        let answer = ToRoom::Appended {
-                            epoch,
-                            node: me,
-                            ok: true,
-                            promised: next.promised,
-                            last_seq: next.last_seq,
-                        };
-                        state.write(
-                            &myself,
-                            owner,
-                            Write::Log {
-                                room,
-                                state: next,
-                                truncate_after: truncates.then_some(after_seq),
-                                entries,
-                            },
-                            answer,
-                        );
-                    }
-                    Err(refusal) => {
-                        let (promised, last_seq) = match refusal {
-                            Refusal::Fenced { promised } => (promised, current.last_seq),
-                            Refusal::Gap { last_seq } => (current.promised, last_seq),
-                        };
-                        tracing::debug!(room = %room, epoch, ?refusal, "append refused");
-                        let answer = ToRoom::Appended {
-                            epoch,
-                            node: me,
-                            ok: false,
-                            promised,
-                            last_seq,
-                        };
-                        let _ = state.args.net.to_room(&owner, room, answer);
-                    }
-                }
+            KeeperMessage::WriteFailed(room) => state.core.write_failed(&room),
+        }
+        Ok(())
+    }
+}
+
+impl KeeperState {
+    fn carry_out(&self, myself: &ActorRef<KeeperMessage>, effect: KeeperEffect) {
+        match effect {
+            KeeperEffect::Answer { room, to, answer } => {
+                let _ = self.args.net.to_room(&to, room, answer);
             }
-            KeeperMessage::Peer(ToKeeper::Fetch {
+            KeeperEffect::Write {
                 room,
-                from,
+                write,
+                to,
+                answer,
+            } => {
+                let net = self.args.net.clone();
+                let keeper = myself.clone();
+                self.args.writer.submit(
+                    write,
+                    Box::new(move |result| match result {
+                        Ok(()) => {
+                            let _ = net.to_room(&to, room, answer);
+                        }
+                        Err(e) => {
+                            tracing::error!(room = %room, error = %e, "log write failed");
+                            let _ = keeper.cast(KeeperMessage::WriteFailed(room));
+                        }
+                    }),
+                );
+            }
+            KeeperEffect::Fetch {
+                room,
+                to,
                 from_seq,
                 to_seq,
-            }) => {
-                let to_seq = to_seq.min(from_seq.saturating_add(FETCH_MAX_ENTRIES - 1));
-                let store = state.args.store.clone();
-                let net = state.args.net.clone();
+            } => {
+                let store = self.args.store.clone();
+                let net = self.args.net.clone();
                 // Reads never wait for the writer; keep them off the actor's thread anyway.
                 tokio::task::spawn_blocking(move || {
                     let entries = store
@@ -193,48 +343,167 @@ impl Actor for LogKeeper {
                             Vec::new()
                         });
                     let node = net.me().clone();
-                    let _ = net.to_room(&from, room, ToRoom::Fetched { node, entries });
+                    let _ = net.to_room(&to, room, ToRoom::Fetched { node, entries });
                 });
             }
-            KeeperMessage::WriteFailed(room) => {
-                state.logs.remove(&room);
-            }
         }
-        Ok(())
     }
 }
 
-impl KeeperState {
-    fn log(&mut self, room: &RoomId) -> Result<LogState, ActorProcessingErr> {
-        if let Some(state) = self.logs.get(room) {
-            return Ok(state.clone());
-        }
-        // A read error means the disk is failing: stop and let the supervisor decide.
-        let state = self.args.store.log_state(room)?;
-        self.logs.insert(room.clone(), state.clone());
-        Ok(state)
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chat_protocol::UserName;
+    use chat_protocol::peer::{Entry, Placement};
+
+    fn node(name: &str) -> NodeName {
+        NodeName::new(name).unwrap()
     }
 
-    /// Queues `write`; once durable, sends `answer` to `to`. On failure the cached state is
-    /// dropped and the owner gets no answer (its request times out and is retried).
-    fn write(&self, myself: &ActorRef<KeeperMessage>, to: NodeName, write: Write, answer: ToRoom) {
-        let net = self.args.net.clone();
-        let keeper = myself.clone();
-        let room = match &write {
-            Write::Log { room, .. } => room.clone(),
-            Write::Node { .. } => return,
+    fn room() -> RoomId {
+        RoomId::new("r").unwrap()
+    }
+
+    fn placement(epoch: u64) -> Placement {
+        Placement {
+            epoch,
+            nodes: vec![node("a"), node("b")],
+        }
+    }
+
+    fn entry(seq: u64, epoch: u64) -> Entry {
+        Entry {
+            seq,
+            epoch,
+            from: UserName::new("u").unwrap(),
+            text: format!("m{seq}"),
+            ts: seq,
+            client_id: None,
+        }
+    }
+
+    fn empty(_: &RoomId) -> Result<LogState, StoreError> {
+        Ok(LogState::default())
+    }
+
+    fn answer(effect: Option<KeeperEffect>) -> ToRoom {
+        match effect {
+            Some(KeeperEffect::Write { answer, .. } | KeeperEffect::Answer { answer, .. }) => {
+                answer
+            }
+            other => panic!("no answer: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_promise_is_written_before_it_is_answered_and_given_once() {
+        let mut keeper = KeeperCore::new(node("b"));
+        let promise = ToKeeper::Promise {
+            room: room(),
+            epoch: 3,
+            placement: placement(3),
         };
-        self.args.writer.submit(
-            write,
-            Box::new(move |result| match result {
-                Ok(()) => {
-                    let _ = net.to_room(&to, room, answer);
-                }
-                Err(e) => {
-                    tracing::error!(room = %room, error = %e, "log write failed");
-                    let _ = keeper.cast(KeeperMessage::WriteFailed(room));
-                }
-            }),
+        let first = keeper.on(promise.clone(), empty).unwrap();
+        assert!(
+            matches!(&first, Some(KeeperEffect::Write { to, answer: ToRoom::Promised { granted: true, .. }, .. }) if *to == node("a"))
+        );
+        let again = keeper.on(promise, |_| panic!("cached")).unwrap();
+        assert!(matches!(
+            again,
+            Some(KeeperEffect::Answer {
+                answer: ToRoom::Promised { granted: false, .. },
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn appends_are_stored_for_the_promised_epoch_and_refused_otherwise() {
+        let mut keeper = KeeperCore::new(node("b"));
+        let promise = ToKeeper::Promise {
+            room: room(),
+            epoch: 2,
+            placement: placement(2),
+        };
+        keeper.on(promise, empty).unwrap();
+        let append = |epoch: u64| ToKeeper::Append {
+            room: room(),
+            epoch,
+            placement: placement(epoch),
+            after_seq: 0,
+            after_epoch: 0,
+            entries: vec![entry(1, epoch)],
+            owner_last_seq: 1,
+            owner_runs: vec![chat_protocol::peer::Run {
+                epoch,
+                first_seq: 1,
+            }],
+            adopted: 0,
+        };
+        let stored = keeper.on(append(2), empty).unwrap();
+        assert!(matches!(
+            answer(stored),
+            ToRoom::Appended {
+                outcome: AppendOutcome::Stored { last_seq: 1 },
+                ..
+            }
+        ));
+        assert!(matches!(
+            answer(keeper.on(append(1), empty).unwrap()),
+            ToRoom::Appended {
+                outcome: AppendOutcome::Fenced { promised: 2 },
+                ..
+            }
+        ));
+        assert!(matches!(
+            answer(keeper.on(append(4), empty).unwrap()),
+            ToRoom::Appended {
+                outcome: AppendOutcome::NotPromised { promised: 2 },
+                ..
+            }
+        ));
+        // A failed write drops the cache: the next request reads the disk again.
+        keeper.write_failed(&room());
+        let mut loaded = false;
+        keeper
+            .on(
+                ToKeeper::Fetch {
+                    room: room(),
+                    from: node("a"),
+                    from_seq: 1,
+                    to_seq: 5000,
+                },
+                |_| {
+                    loaded = true;
+                    Ok(LogState::default())
+                },
+            )
+            .unwrap();
+        assert!(loaded);
+    }
+
+    #[test]
+    fn fetches_are_bounded() {
+        let mut keeper = KeeperCore::new(node("b"));
+        let effect = keeper
+            .on(
+                ToKeeper::Fetch {
+                    room: room(),
+                    from: node("a"),
+                    from_seq: 10,
+                    to_seq: 1_000_000,
+                },
+                empty,
+            )
+            .unwrap();
+        assert_eq!(
+            effect,
+            Some(KeeperEffect::Fetch {
+                room: room(),
+                to: node("a"),
+                from_seq: 10,
+                to_seq: 10 + FETCH_MAX_ENTRIES - 1,
+            })
         );
     }
 }

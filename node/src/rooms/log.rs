@@ -1,22 +1,37 @@
 //! Pure rules of the replicated room log, free of I/O and tested as a state machine.
 //!
 //! Every node may hold a copy of a room's log, described by a [`LogState`]: the highest epoch
-//! it promised, its last sequence number, and the epochs of its entries as runs.
+//! it promised, its last sequence number, the epochs of its entries as runs, the latest
+//! placement it heard of, and its sync label (`synced`).
+//!
+//! The protocol is primary-backup with epochs, close to Viewstamped Replication with one
+//! replica group per room:
 //!
 //! - A claimer asks every live node to [`promise`] a new epoch. A node promises each epoch at
 //!   most once and only if it is higher than any it promised before; from then on it refuses
-//!   writes of older epochs. That is the fence: an owner that lost the room (frozen, cut off)
+//!   writes of any other epoch. That is the fence: an owner that lost the room (frozen, cut off)
 //!   can no longer get a write stored by a node that promised the new epoch.
-//! - With every promise in hand, the claimer adopts the [`best`] log (highest last epoch, then
-//!   highest seq), which holds every acknowledged entry: an entry is acknowledged only once every
-//!   node of its epoch's placement stored it, and the claim asks every live node, so at least one
-//!   of them answers while at most one node is lost.
-//! - The owner then writes with [`append`]: entries follow `after_seq`, and whatever the node
-//!   held after `after_seq` (an unacknowledged suffix of an older epoch) is dropped first.
+//! - With a majority of promises in hand, the claimer adopts the [`best`] copy: the highest sync
+//!   label, then the longest.
+//! - The owner writes with [`append`]: a copy accepts only the epoch it promised and only entries
+//!   that follow an entry it holds with the same epoch (log matching); it keeps what it holds
+//!   beyond them while that matches the owner's log, and drops the rest. A copy that holds the
+//!   owner's log up to the point the owner adopted is labelled with the owner's epoch.
+//! - **Commit rule**: the owner counts an entry committed only when every node of its placement
+//!   (a majority of the known members, [`placement_size`]) has acknowledged it under the owner's
+//!   own epoch and has been brought up to the adopted log. Entries adopted from earlier epochs
+//!   are therefore committed only once they are stored under the new epoch, as in Raft.
 //!
-//! Entries keep the epoch they were first written under, so two logs that hold an entry with the
-//! same seq and epoch agree on everything before it (the log matching property), which is what
-//! [`common_prefix`] relies on.
+//! Why nothing acknowledged is lost: a copy labelled `s` holds every entry committed at any
+//! epoch up to `s` (it holds the log its owner adopted, which held them, plus what that owner
+//! committed, which every node of the placement acknowledged). An entry committed at epoch `c`
+//! is on every node of `c`'s placement, a majority, each labelled `c` or higher; any later
+//! claim hears from a majority, so from one of them, and adopts a copy labelled at least `c`.
+//!
+//! Entries keep the epoch they were first written under, and an epoch has one owner that
+//! sequences each `seq` once, so two copies that hold an entry with the same seq and epoch agree
+//! on everything before it (the log matching property), which is what [`common_prefix`] and the
+//! checks of [`append`] rely on.
 
 use chat_protocol::NodeName;
 use chat_protocol::peer::{Entry, Epoch, LogState, Placement, Run};
@@ -29,11 +44,53 @@ pub enum Refusal {
         /// The node's promised epoch.
         promised: Epoch,
     },
-    /// The entries do not follow the node's log: resend from `last_seq`.
-    Gap {
-        /// The node's last sequence number.
-        last_seq: u64,
+    /// The node has not promised the write's epoch (its promise was lost with its disk).
+    NotPromised {
+        /// The node's promised epoch.
+        promised: Epoch,
     },
+    /// The entries do not follow the node's copy (a gap, or a different entry at `after_seq`).
+    Diverged,
+    /// The append contradicts itself (entries not contiguous, or not the owner's): a bug or a
+    /// peer speaking nonsense; nothing changes.
+    Malformed,
+}
+
+/// An append as the owner sends it.
+#[derive(Debug, Clone, Copy)]
+pub struct Append<'a> {
+    /// The writer's epoch.
+    pub epoch: Epoch,
+    /// Its placement.
+    pub placement: &'a Placement,
+    /// The entries follow this sequence number.
+    pub after_seq: u64,
+    /// The epoch of the owner's entry at `after_seq` (0 when `after_seq` is 0).
+    pub after_epoch: Epoch,
+    /// The entries, from `after_seq + 1`.
+    pub entries: &'a [Entry],
+    /// The owner's last sequence number.
+    pub owner_last_seq: u64,
+    /// The epochs of the owner's entries after `after_seq`.
+    pub owner_runs: &'a [Run],
+    /// The owner's log when it claimed the room.
+    pub adopted: u64,
+}
+
+/// What an accepted append changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// The copy after the append.
+    pub state: LogState,
+    /// Stored entries after this seq must be dropped (they are not the owner's).
+    pub truncate_after: Option<u64>,
+}
+
+/// How many nodes hold a room's log: the replication factor, but at least a majority of the
+/// `known` members, so that every claim (which needs a majority) hears from a node that
+/// acknowledged every committed entry.
+pub fn placement_size(replication_factor: usize, known: usize) -> usize {
+    replication_factor.max(known / 2 + 1)
 }
 
 /// Grants a promise of `epoch` if it is higher than every epoch promised before.
@@ -47,57 +104,114 @@ pub fn promise(state: &LogState, epoch: Epoch, placement: &Placement) -> Option<
     Some(next)
 }
 
-/// Applies an append of `entries` after `after_seq` by the owner of `epoch`: the new state, and
-/// whether stored entries after `after_seq` must be dropped first.
-pub fn append(
-    state: &LogState,
-    epoch: Epoch,
-    placement: &Placement,
-    after_seq: u64,
-    entries: &[Entry],
-) -> Result<(LogState, bool), Refusal> {
-    if epoch < state.promised {
+/// Applies an append to a copy.
+pub fn append(state: &LogState, append: &Append<'_>) -> Result<Applied, Refusal> {
+    if append.epoch < state.promised {
         return Err(Refusal::Fenced {
             promised: state.promised,
         });
     }
-    if after_seq > state.last_seq {
-        return Err(Refusal::Gap {
-            last_seq: state.last_seq,
+    if append.epoch > state.promised {
+        return Err(Refusal::NotPromised {
+            promised: state.promised,
         });
     }
-    let contiguous = entries
-        .iter()
-        .enumerate()
-        .all(|(i, e)| e.seq == after_seq + 1 + i as u64 && e.epoch <= epoch);
-    if !contiguous {
-        // A malformed append from a peer: refuse without changing anything.
-        return Err(Refusal::Gap {
-            last_seq: state.last_seq,
-        });
+    let end = append.after_seq + append.entries.len() as u64;
+    let owner = LogState {
+        last_seq: append.owner_last_seq,
+        runs: append.owner_runs.to_vec(),
+        ..LogState::default()
+    };
+    let well_formed = end <= append.owner_last_seq
+        && append.entries.iter().enumerate().all(|(i, e)| {
+            e.seq == append.after_seq + 1 + i as u64
+                && e.epoch <= append.epoch
+                && epoch_at(&owner, e.seq) == Some(e.epoch)
+        })
+        && (append.after_seq + 1..=append.owner_last_seq)
+            .next()
+            .is_none_or(|first| epoch_at(&owner, first).is_some());
+    if !well_formed {
+        return Err(Refusal::Malformed);
     }
-    let truncates = after_seq < state.last_seq;
+    if append.after_seq > state.last_seq
+        || (append.after_seq > 0 && epoch_at(state, append.after_seq) != Some(append.after_epoch))
+    {
+        return Err(Refusal::Diverged);
+    }
+    // What the copy holds beyond the entries stays while it is the owner's.
+    let keep = if state.last_seq > end {
+        matching_until(state, &owner, end, state.last_seq.min(owner.last_seq))
+    } else {
+        end
+    };
     let mut runs: Vec<Run> = state
         .runs
         .iter()
         .copied()
-        .filter(|run| run.first_seq <= after_seq)
+        .filter(|run| run.first_seq <= append.after_seq)
         .collect();
-    for entry in entries {
-        if runs.last().map(|run| run.epoch) != Some(entry.epoch) {
-            runs.push(Run {
-                epoch: entry.epoch,
-                first_seq: entry.seq,
-            });
+    let push = |runs: &mut Vec<Run>, epoch: Epoch, first_seq: u64| {
+        if runs.last().map(|run| run.epoch) != Some(epoch) {
+            runs.push(Run { epoch, first_seq });
+        }
+    };
+    for entry in append.entries {
+        push(&mut runs, entry.epoch, entry.seq);
+    }
+    for run in &state.runs {
+        let next = state
+            .runs
+            .iter()
+            .find(|r| r.first_seq > run.first_seq)
+            .map_or(u64::MAX, |r| r.first_seq);
+        // The part of this run inside (end, keep].
+        let from = run.first_seq.max(end + 1);
+        if from <= keep && from < next {
+            push(&mut runs, run.epoch, from);
         }
     }
-    let next = LogState {
-        promised: epoch,
-        last_seq: after_seq + entries.len() as u64,
-        runs,
-        placement: Some(placement.clone()),
+    let synced = if keep >= append.adopted {
+        append.epoch
+    } else {
+        state.synced
     };
-    Ok((next, truncates))
+    let next = LogState {
+        promised: state.promised,
+        last_seq: keep,
+        runs,
+        placement: Some(append.placement.clone()),
+        synced,
+    };
+    Ok(Applied {
+        state: next,
+        truncate_after: (state.last_seq > keep).then_some(keep),
+    })
+}
+
+/// The last seq `s` in `(from, top]` such that `a` and `b` hold entries of the same epochs all
+/// the way from `from + 1` to `s` (`from` when they differ at once).
+fn matching_until(a: &LogState, b: &LogState, from: u64, top: u64) -> u64 {
+    if top <= from {
+        return from;
+    }
+    // Epochs change only where a run starts: the points to compare.
+    let mut points: Vec<u64> = a
+        .runs
+        .iter()
+        .chain(&b.runs)
+        .map(|run| run.first_seq)
+        .filter(|&s| s > from && s <= top)
+        .collect();
+    points.push(from + 1);
+    points.sort_unstable();
+    points.dedup();
+    for point in points {
+        if epoch_at(a, point) != epoch_at(b, point) {
+            return point - 1;
+        }
+    }
+    top
 }
 
 /// The epoch of the entry at `seq`, if the log holds it.
@@ -113,9 +227,43 @@ pub fn epoch_at(state: &LogState, seq: u64) -> Option<Epoch> {
         .map(|run| run.epoch)
 }
 
-/// The epoch of the last entry (0 for an empty log).
-pub fn last_epoch(state: &LogState) -> Epoch {
-    epoch_at(state, state.last_seq).unwrap_or(0)
+/// The runs of `state` that cover the entries after `after_seq`.
+pub fn runs_after(state: &LogState, after_seq: u64) -> Vec<Run> {
+    let mut out = Vec::new();
+    for (i, run) in state.runs.iter().enumerate() {
+        let next = state.runs.get(i + 1).map_or(u64::MAX, |r| r.first_seq);
+        let first_seq = run.first_seq.max(after_seq + 1);
+        if first_seq < next && first_seq <= state.last_seq {
+            out.push(Run {
+                epoch: run.epoch,
+                first_seq,
+            });
+        }
+    }
+    out
+}
+
+/// Appends entries sequenced by the owner (or copied from the adopted log) to its own view of
+/// the log; they must follow it.
+pub fn extend(state: &mut LogState, entries: &[Entry]) {
+    for entry in entries {
+        debug_assert_eq!(entry.seq, state.last_seq + 1);
+        if state.runs.last().map(|run| run.epoch) != Some(entry.epoch) {
+            state.runs.push(Run {
+                epoch: entry.epoch,
+                first_seq: entry.seq,
+            });
+        }
+        state.last_seq = entry.seq;
+    }
+}
+
+/// `state` cut after `seq`.
+pub fn truncate(state: &LogState, seq: u64) -> LogState {
+    let mut next = state.clone();
+    next.last_seq = state.last_seq.min(seq);
+    next.runs.retain(|run| run.first_seq <= next.last_seq);
+    next
 }
 
 /// The longest prefix two logs share, as its last sequence number.
@@ -138,11 +286,11 @@ pub fn common_prefix(a: &LogState, b: &LogState) -> u64 {
         .unwrap_or(0)
 }
 
-/// The most up-to-date log among the answers: highest last epoch, then highest seq; ties go to
-/// the first answer in `answers`' order (callers put their own answer first to avoid a copy).
+/// The copy a claim adopts among the answers: the highest sync label, then the longest; ties go
+/// to the first answer in `answers`' order (callers put their own answer first to avoid a copy).
 pub fn best(answers: &[(NodeName, LogState)]) -> Option<&(NodeName, LogState)> {
     answers.iter().reduce(|best, candidate| {
-        let key = |s: &LogState| (last_epoch(s), s.last_seq);
+        let key = |s: &LogState| (s.synced, s.last_seq);
         if key(&candidate.1) > key(&best.1) {
             candidate
         } else {
@@ -152,7 +300,9 @@ pub fn best(answers: &[(NodeName, LogState)]) -> Option<&(NodeName, LogState)> {
 }
 
 /// Whether a claim may proceed with these answers: at least one node of the latest placement
-/// any answerer knows must be among the answerers (it holds that epoch's acknowledged entries).
+/// any answerer knows must be among the answerers. With placements of a majority this holds for
+/// any majority of the same members; it keeps a claim waiting when the known members changed
+/// (a node joined while others were away) rather than adopting a copy that may lack entries.
 pub fn covers_latest_placement(answers: &[(NodeName, LogState)]) -> bool {
     let latest = answers
         .iter()
@@ -201,16 +351,55 @@ mod tests {
             .collect()
     }
 
-    /// Builds a log by appending `(epoch, count)` stretches.
+    /// A log built from `(epoch, count)` stretches, promised and synced at the last epoch.
     fn log(stretches: &[(Epoch, u64)]) -> LogState {
         let mut state = LogState::default();
         for &(epoch, count) in stretches {
-            let p = placement(epoch, &["a"]);
             let from = state.last_seq + 1;
-            let new = entries(from, from + count - 1, epoch);
-            state = append(&state, epoch, &p, state.last_seq, &new).unwrap().0;
+            extend(&mut state, &entries(from, from + count - 1, epoch));
+            state.promised = epoch;
+            state.synced = epoch;
         }
         state
+    }
+
+    /// The append an owner with log `owner` sends after `after_seq`, with entries up to `to`.
+    fn append_of<'a>(
+        owner: &LogState,
+        epoch: Epoch,
+        p: &'a Placement,
+        after_seq: u64,
+        batch: &'a [Entry],
+        runs: &'a [Run],
+        adopted: u64,
+    ) -> Append<'a> {
+        Append {
+            epoch,
+            placement: p,
+            after_seq,
+            after_epoch: epoch_at(owner, after_seq).unwrap_or(0),
+            entries: batch,
+            owner_last_seq: owner.last_seq,
+            owner_runs: runs,
+            adopted,
+        }
+    }
+
+    /// The entries of a log built by `log`, from `from` to `to`.
+    fn slice(state: &LogState, from: u64, to: u64) -> Vec<Entry> {
+        (from..=to)
+            .map(|seq| entries(seq, seq, epoch_at(state, seq).unwrap()).remove(0))
+            .collect()
+    }
+
+    #[test]
+    fn placements_are_at_least_a_majority_of_the_known_members() {
+        assert_eq!(placement_size(2, 1), 2);
+        assert_eq!(placement_size(2, 3), 2);
+        assert_eq!(placement_size(2, 4), 3);
+        assert_eq!(placement_size(2, 5), 3);
+        assert_eq!(placement_size(3, 5), 3);
+        assert_eq!(placement_size(1, 9), 5);
     }
 
     #[test]
@@ -225,56 +414,158 @@ mod tests {
     }
 
     #[test]
-    fn fenced_owner_cannot_append() {
-        let s = promise(&log(&[(1, 3)]), 2, &placement(2, &["b"])).unwrap();
-        let before = s.clone();
-        let refused = append(&s, 1, &placement(1, &["a"]), 3, &entries(4, 4, 1));
+    fn only_the_promised_epoch_may_write() {
+        let p2 = placement(2, &["b"]);
+        let s = promise(&log(&[(1, 3)]), 2, &p2).unwrap();
+        let owner = log(&[(1, 4)]);
+        let batch = entries(4, 4, 1);
+        let runs = runs_after(&owner, 3);
+        let p1 = placement(1, &["a"]);
+        let refused = append(&s, &append_of(&owner, 1, &p1, 3, &batch, &runs, 0));
         assert_eq!(refused, Err(Refusal::Fenced { promised: 2 }));
-        assert_eq!(s, before, "a refused write leaves the state unchanged");
+        let p3 = placement(3, &["c"]);
+        let refused = append(&s, &append_of(&owner, 3, &p3, 3, &batch, &runs, 0));
+        assert_eq!(
+            refused,
+            Err(Refusal::NotPromised { promised: 2 }),
+            "a copy that never promised epoch 3 (or forgot it with its disk) makes the owner claim again"
+        );
     }
 
     #[test]
-    fn appends_must_follow_the_log() {
-        let s = log(&[(1, 3)]);
+    fn appends_must_follow_an_entry_of_the_same_epoch() {
+        let s = promise(&log(&[(1, 5)]), 3, &placement(3, &["a"])).unwrap();
+        let p = placement(3, &["a"]);
+        // The owner's log: 1..3 @1, 4..6 @2 (adopted from another copy), then its own 7 @3.
+        let owner = log(&[(1, 3), (2, 3), (3, 1)]);
+        // A gap: the copy has nothing at 6.
+        let batch = slice(&owner, 7, 7);
+        let runs = runs_after(&owner, 6);
         assert_eq!(
-            append(&s, 1, &placement(1, &["a"]), 5, &entries(6, 6, 1)),
-            Err(Refusal::Gap { last_seq: 3 })
+            append(&s, &append_of(&owner, 3, &p, 6, &batch, &runs, 6)),
+            Err(Refusal::Diverged)
         );
-        // Entries that do not start right after `after_seq` are refused too.
+        // A different entry at 5 (epoch 1 here, 2 at the owner).
+        let batch = slice(&owner, 6, 7);
+        let runs = runs_after(&owner, 5);
         assert_eq!(
-            append(&s, 1, &placement(1, &["a"]), 3, &entries(5, 5, 1)),
-            Err(Refusal::Gap { last_seq: 3 })
+            append(&s, &append_of(&owner, 3, &p, 5, &batch, &runs, 6)),
+            Err(Refusal::Diverged)
         );
-        // An entry claiming a newer epoch than its writer is malformed.
-        assert!(append(&s, 1, &placement(1, &["a"]), 3, &entries(4, 4, 2)).is_err());
+        // From the common prefix (3) it is accepted and the copy's 4..5 @1 are replaced.
+        let batch = slice(&owner, 4, 7);
+        let runs = runs_after(&owner, 3);
+        let applied = append(&s, &append_of(&owner, 3, &p, 3, &batch, &runs, 6)).unwrap();
+        assert_eq!(
+            applied.truncate_after, None,
+            "4..5 are overwritten in place"
+        );
+        assert_eq!(applied.state.last_seq, 7);
+        assert_eq!(common_prefix(&applied.state, &owner), 7);
+        assert_eq!(applied.state.synced, 3);
     }
 
     #[test]
-    fn append_truncates_a_divergent_suffix_and_tracks_runs() {
-        let s = log(&[(1, 5)]);
-        let (next, truncates) = append(&s, 2, &placement(2, &["b"]), 3, &entries(4, 6, 2)).unwrap();
-        assert!(truncates);
-        assert_eq!(next.last_seq, 6);
-        assert_eq!(next.promised, 2);
+    fn malformed_appends_change_nothing() {
+        let s = promise(&log(&[(1, 3)]), 2, &placement(2, &["a"])).unwrap();
+        let p = placement(2, &["a"]);
+        let owner = log(&[(1, 3), (2, 2)]);
+        let runs = runs_after(&owner, 3);
+        let skipping = entries(5, 5, 2);
         assert_eq!(
-            next.runs,
+            append(&s, &append_of(&owner, 2, &p, 3, &skipping, &runs, 5)),
+            Err(Refusal::Malformed)
+        );
+        let newer = entries(4, 4, 3);
+        assert_eq!(
+            append(&s, &append_of(&owner, 2, &p, 3, &newer, &runs, 5)),
+            Err(Refusal::Malformed),
+            "an entry of a newer epoch than its writer"
+        );
+        let wrong_epoch = entries(4, 4, 1);
+        assert_eq!(
+            append(&s, &append_of(&owner, 2, &p, 3, &wrong_epoch, &runs, 5)),
+            Err(Refusal::Malformed),
+            "an entry that is not the owner's"
+        );
+    }
+
+    #[test]
+    fn a_copy_keeps_what_matches_the_owner_beyond_an_append_and_drops_the_rest() {
+        let p = placement(2, &["a", "b"]);
+        // The copy holds the owner's 1..10 already (a resend after a lost answer).
+        let owner = log(&[(1, 4), (2, 8)]); // 1..4 @1, 5..12 @2
+        let mut copy = truncate(&owner, 10);
+        copy.synced = 2;
+        let batch = slice(&owner, 6, 7);
+        let runs = runs_after(&owner, 5);
+        let applied = append(&copy, &append_of(&owner, 2, &p, 5, &batch, &runs, 4)).unwrap();
+        assert_eq!(
+            applied.state.last_seq, 10,
+            "entries acknowledged before are never dropped by a shorter resend"
+        );
+        assert_eq!(applied.truncate_after, None);
+        assert_eq!(applied.state.runs, copy.runs);
+
+        // A copy with a suffix of an older epoch beyond the owner's log loses it, even when the
+        // append carries no entries (the sync of a new owner that adopted 1..4).
+        let mut stale = log(&[(1, 4), (3, 5)]); // 1..4 @1, 5..9 @3: never acknowledged
+        stale.promised = 5;
+        let owner = log(&[(1, 4)]);
+        let p5 = placement(5, &["a", "b"]);
+        let applied = append(&stale, &append_of(&owner, 5, &p5, 4, &[], &[], 4)).unwrap();
+        assert_eq!(applied.state.last_seq, 4);
+        assert_eq!(applied.truncate_after, Some(4));
+        assert_eq!(applied.state.runs, owner.runs);
+        assert_eq!(applied.state.synced, 5, "it now holds the adopted log");
+    }
+
+    #[test]
+    fn a_copy_is_labelled_with_the_owners_epoch_only_once_it_holds_the_adopted_log() {
+        let p = placement(4, &["a", "b"]);
+        let owner = log(&[(1, 20)]);
+        let mut copy = LogState {
+            promised: 4,
+            ..LogState::default()
+        };
+        copy.synced = 0;
+        let batch = slice(&owner, 1, 10);
+        let runs = runs_after(&owner, 0);
+        let half = append(&copy, &append_of(&owner, 4, &p, 0, &batch, &runs, 20)).unwrap();
+        assert_eq!(half.state.last_seq, 10);
+        assert_eq!(
+            half.state.synced, 0,
+            "not yet: it lacks 11..20 of the adopted log"
+        );
+        let batch = slice(&owner, 11, 20);
+        let runs = runs_after(&owner, 10);
+        let full = append(
+            &half.state,
+            &append_of(&owner, 4, &p, 10, &batch, &runs, 20),
+        )
+        .unwrap();
+        assert_eq!(full.state.synced, 4);
+        assert_eq!(full.state.placement, Some(p));
+    }
+
+    #[test]
+    fn runs_after_cover_exactly_the_suffix() {
+        let s = log(&[(1, 3), (2, 3), (4, 2)]); // 1..3 @1, 4..6 @2, 7..8 @4
+        assert_eq!(
+            runs_after(&s, 4),
             vec![
                 Run {
-                    epoch: 1,
-                    first_seq: 1
+                    epoch: 2,
+                    first_seq: 5
                 },
                 Run {
-                    epoch: 2,
-                    first_seq: 4
+                    epoch: 4,
+                    first_seq: 7
                 }
             ]
         );
-        assert_eq!(epoch_at(&next, 3), Some(1));
-        assert_eq!(epoch_at(&next, 4), Some(2));
-        assert_eq!(epoch_at(&next, 7), None);
-        // A retransmission of what is already stored is harmless.
-        let (again, _) = append(&next, 2, &placement(2, &["b"]), 3, &entries(4, 6, 2)).unwrap();
-        assert_eq!(again, next);
+        assert_eq!(runs_after(&s, 8), Vec::<Run>::new());
+        assert_eq!(runs_after(&s, 0), s.runs);
     }
 
     #[test]
@@ -292,15 +583,20 @@ mod tests {
     }
 
     #[test]
-    fn best_prefers_the_newer_epoch_over_the_longer_log() {
-        let answers = vec![
-            (node("a"), log(&[(1, 9)])),
-            (node("b"), log(&[(1, 5), (2, 1)])),
-            (node("c"), log(&[(1, 5)])),
-        ];
-        assert_eq!(best(&answers).unwrap().0, node("b"));
+    fn best_prefers_the_higher_sync_label_over_the_longer_or_newer_log() {
+        // b's last entry is of a newer epoch, but only a's copy was brought up to date by the
+        // owner of epoch 3: its label wins (b's entry at 6 was never acknowledged).
+        let mut a = log(&[(1, 5)]);
+        a.synced = 3;
+        let mut b = log(&[(1, 5), (2, 1)]);
+        b.synced = 1;
+        let c = log(&[(1, 9)]);
+        let answers = vec![(node("c"), c), (node("b"), b), (node("a"), a)];
+        assert_eq!(best(&answers).unwrap().0, node("a"));
         let tie = vec![(node("x"), log(&[(1, 2)])), (node("y"), log(&[(1, 2)]))];
         assert_eq!(best(&tie).unwrap().0, node("x"));
+        let longer = vec![(node("x"), log(&[(1, 2)])), (node("y"), log(&[(1, 3)]))];
+        assert_eq!(best(&longer).unwrap().0, node("y"));
         assert!(best(&[]).is_none());
     }
 

@@ -1,0 +1,1360 @@
+//! The pure core of a room's owner: claiming, recovery, sequencing, dedupe, replication,
+//! commit and fan-out, as a state machine with no I/O, no clock and no actor.
+//!
+//! Events come in as method calls carrying the time ([`RoomCore::on_peer`], `on_view`,
+//! `on_flush`, `on_tick`, …); decisions come out as [`Effect`]s (messages for log keepers and
+//! hubs, a flush to schedule, a stop), drained with [`RoomCore::take_effects`]. The only thing
+//! the core reads besides its events is this node's store of the room's log, through
+//! [`LogReader`], for entries older than the ones it keeps in memory. The Room actor
+//! (`rooms::room`) and the cluster simulation (`node/tests/sim`) drive the same core.
+//!
+//! Lifecycle (the rules are in [`super::log`]):
+//! 1. **Claiming**: a new epoch is promised by every member up in the view (a majority).
+//! 2. **Syncing**: the best copy is adopted (entries this node lacks are fetched from its
+//!    holder), and every node of the placement is brought up to it under the new epoch. Nothing
+//!    is served yet: an adopted entry may never have been acknowledged, and it is committed only
+//!    once the whole placement holds it under this epoch.
+//! 3. **Active**: a `send` gets the next seq and goes to every node of the placement (owner
+//!    included); it is acknowledged, and fanned out once per node with members, when every one
+//!    of them stored it. A retried `send` (same user and client id) is answered with the seq of
+//!    its first copy, once that copy is committed.
+//! 4. **Stopped**: idle with no members, moved to another node, or fenced by a newer epoch.
+//!
+//! Requests that arrive before the room is active wait in a bounded queue with a deadline, then
+//! get `unavailable`.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chat_protocol::peer::{
+    AppendOutcome, Entry, Epoch, LogState, Origin, Placement, Reply, RoomOp, SessionId, ToHub,
+    ToKeeper, ToRoom,
+};
+use chat_protocol::{ErrorCode, NodeName, PresenceEvent, RoomId, UserName};
+
+use crate::cluster::view::View;
+use crate::metrics::Metrics;
+use crate::rooms::log;
+use crate::rooms::members::Members;
+use crate::store::{Store, StoreError};
+
+/// Committed entries kept in memory for replays and history, beyond the uncommitted ones.
+const TAIL_KEEP: usize = 256;
+/// Requests queued while the room is not active, at most.
+const QUEUE_MAX: usize = 4096;
+/// Entries per `Append` or `Fanout` message, at most.
+const CHUNK_ENTRIES: usize = 512;
+/// Text bytes per replay, catch-up or append chunk, about.
+const CHUNK_BYTES: usize = 1 << 20;
+/// Text bytes per join replay, about (the replay travels in one message).
+const REPLAY_BYTES: usize = 4 << 20;
+/// Entries sent to a node and not yet acknowledged, at most (the replication window).
+const WINDOW_ENTRIES: u64 = 8192;
+/// A claim not answered in this time starts over with a higher epoch.
+const CLAIM_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Appends (and fetches) not answered in this time are sent again.
+const RESEND_AFTER: Duration = Duration::from_millis(1000);
+/// A sync that makes no progress for this long starts over with a new claim.
+const SYNC_TIMEOUT: Duration = Duration::from_millis(4000);
+/// Recent client message ids remembered per room for deduplicating retried sends.
+const DEDUPE_KEEP: usize = 4096;
+
+/// Settings a room needs.
+#[derive(Debug, Clone)]
+pub struct RoomConfig {
+    /// Copies of the log, owner included (at least a majority of the known members is used).
+    pub replication_factor: usize,
+    /// Messages replayed by `join` with `since`, at most.
+    pub replay_cap: usize,
+    /// Stop after this long idle with no members.
+    pub idle: Duration,
+    /// How long a request may wait for the room to become active.
+    pub queue_timeout: Duration,
+    /// A deliberately broken rule, for proving that the simulation's checker catches it. Never
+    /// set outside tests.
+    pub flaw: Option<Flaw>,
+}
+
+/// Rules the room core can be told to break (see [`RoomConfig::flaw`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flaw {
+    /// Counts every adopted entry as committed at once, without storing it on the placement
+    /// under the new epoch first (the rule before the double-fault fork was fixed).
+    CommitAdopted,
+}
+
+/// Reads entries of a room's log from this node's store.
+pub trait LogReader: Send + Sync {
+    /// Entries `from_seq..=to_seq`, ascending, stopping early after about `max_bytes` of text.
+    fn entries(
+        &self,
+        room: &RoomId,
+        from_seq: u64,
+        to_seq: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<Entry>, StoreError>;
+}
+
+impl LogReader for Store {
+    fn entries(
+        &self,
+        room: &RoomId,
+        from_seq: u64,
+        to_seq: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        Store::entries(self, room, from_seq, to_seq, max_bytes)
+    }
+}
+
+/// Why a room stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// No members and no traffic for the idle time.
+    Idle,
+    /// Another node owns the room in the current view.
+    Moved,
+    /// A newer owner took the room.
+    Fenced,
+}
+
+impl Stop {
+    /// The reason, for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stop::Idle => "idle",
+            Stop::Moved => "the room moved to another node",
+            Stop::Fenced => "a newer owner took the room",
+        }
+    }
+}
+
+/// What the core decided; the actor shell carries it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// A message for the log keeper of a node (this node's included).
+    Keeper(NodeName, ToKeeper),
+    /// A message for the hub of a node (this node's included).
+    Hub(NodeName, ToHub),
+    /// Call [`RoomCore::on_flush`] once the messages already queued for the room are handled,
+    /// so that the sends among them go out in one append.
+    Flush,
+    /// The room is done on this node.
+    Stop(Stop),
+}
+
+enum Phase {
+    /// Waiting for promises.
+    Claiming {
+        answers: Vec<(NodeName, LogState)>,
+        waiting: HashSet<NodeName>,
+        since: Instant,
+    },
+    /// The best copy is adopted; the placement is being brought up to it.
+    Syncing {
+        /// The node entries this one lacks are fetched from, while they are.
+        fetching: Option<NodeName>,
+    },
+    /// Serving.
+    Active,
+    /// A claim cannot proceed now (no quorum, a placement out of reach, a lost race).
+    Blocked { until: Instant },
+    /// Done.
+    Stopped,
+}
+
+/// A node's subscription that arrived before the room was active: node, cursor, sessions.
+type Subscription = (NodeName, u64, Vec<(SessionId, UserName)>);
+
+struct Waiting {
+    origin: Origin,
+    op: RoomOp,
+    received: Instant,
+}
+
+struct Inflight {
+    seq: u64,
+    /// The epoch the entry was written under: with `seq`, it identifies the entry.
+    epoch: Epoch,
+    origin: Origin,
+    received: Instant,
+}
+
+/// What the owner knows of one node of its placement.
+#[derive(Debug, Clone, Copy, Default)]
+struct Replica {
+    /// What the node held of the adopted log when it promised (it needs nothing below).
+    base: u64,
+    /// The highest seq sent to it under this epoch.
+    sent: u64,
+    /// The highest seq it stored under this epoch (its copy is the owner's log up to there).
+    matched: u64,
+    /// Whether it acknowledged any append of this epoch.
+    acked: bool,
+    /// Whether it must be sent an append even with nothing new (to sync, or after a loss).
+    poke: bool,
+}
+
+/// The owner side of one room.
+pub struct RoomCore {
+    id: RoomId,
+    me: NodeName,
+    config: RoomConfig,
+    reader: Arc<dyn LogReader>,
+    metrics: Metrics,
+    view: Arc<View>,
+    phase: Phase,
+    /// The epoch claimed (or being claimed).
+    epoch: Epoch,
+    /// The highest epoch any node reported: the next claim goes above it.
+    highest_epoch: Epoch,
+    placement: Placement,
+    /// The owner's log: the adopted copy, then what this owner sequenced.
+    log: LogState,
+    /// The log's end when this owner adopted it.
+    adopted: u64,
+    /// The highest seq whose entry this owner holds (the log's end once recovered).
+    have: u64,
+    /// This node's store holds the owner's log up to here.
+    store_good: u64,
+    commit: u64,
+    replicas: HashMap<NodeName, Replica>,
+    /// When a node last acknowledged something new (or a fetch brought entries).
+    progress_at: Instant,
+    /// When unacknowledged appends were last sent again.
+    resent_at: Instant,
+    /// Recent entries: every entry above `store_good` and the last `TAIL_KEEP` committed ones.
+    tail: VecDeque<Entry>,
+    flush_scheduled: bool,
+    inflight: VecDeque<Inflight>,
+    queue: VecDeque<Waiting>,
+    subscriptions: VecDeque<Subscription>,
+    members: Members,
+    dedupe: HashMap<(UserName, String), u64>,
+    dedupe_order: VecDeque<(UserName, String)>,
+    last_ts: u64,
+    /// The wall clock at the latest event that carried it.
+    wall_ms: u64,
+    last_activity: Instant,
+    rng: u64,
+    effects: Vec<Effect>,
+}
+
+impl RoomCore {
+    /// The core of room `id` on node `me`, which starts claiming at once. `promised` is the
+    /// epoch this node's copy promised last (a hint: the claim starts above it); `seed` feeds
+    /// the jitter of retries.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: RoomId,
+        me: NodeName,
+        view: Arc<View>,
+        config: RoomConfig,
+        reader: Arc<dyn LogReader>,
+        metrics: Metrics,
+        promised: Epoch,
+        seed: u64,
+        now: Instant,
+    ) -> RoomCore {
+        let mut core = RoomCore {
+            placement: Placement {
+                epoch: 0,
+                nodes: vec![me.clone()],
+            },
+            id,
+            me,
+            config,
+            reader,
+            metrics,
+            view,
+            phase: Phase::Blocked { until: now },
+            epoch: 0,
+            highest_epoch: promised,
+            log: LogState::default(),
+            adopted: 0,
+            have: 0,
+            store_good: 0,
+            commit: 0,
+            replicas: HashMap::new(),
+            progress_at: now,
+            resent_at: now,
+            tail: VecDeque::new(),
+            flush_scheduled: false,
+            inflight: VecDeque::new(),
+            queue: VecDeque::new(),
+            subscriptions: VecDeque::new(),
+            members: Members::default(),
+            dedupe: HashMap::new(),
+            dedupe_order: VecDeque::new(),
+            last_ts: 0,
+            wall_ms: 0,
+            last_activity: now,
+            rng: seed | 1,
+            effects: Vec::new(),
+        };
+        core.start_claim(now);
+        core
+    }
+
+    /// The effects decided since the last call, in order.
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// The room.
+    pub fn id(&self) -> &RoomId {
+        &self.id
+    }
+
+    /// The epoch this owner claimed (or is claiming).
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// The highest committed seq.
+    pub fn commit(&self) -> u64 {
+        self.commit
+    }
+
+    /// Whether the room serves requests.
+    pub fn is_active(&self) -> bool {
+        matches!(self.phase, Phase::Active)
+    }
+
+    /// When [`RoomCore::on_tick`] has something to do next, if ever.
+    pub fn next_wake(&self) -> Option<Instant> {
+        let mut wake: Option<Instant> = None;
+        let mut at = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
+        if let Some(first) = self.queue.front() {
+            at(first.received + self.config.queue_timeout);
+        }
+        match &self.phase {
+            Phase::Claiming { since, .. } => at(*since + CLAIM_TIMEOUT),
+            Phase::Syncing { .. } => {
+                at(self.progress_at.max(self.resent_at) + RESEND_AFTER);
+                at(self.progress_at + SYNC_TIMEOUT);
+            }
+            Phase::Blocked { until } => at(*until),
+            Phase::Active => {
+                if !self.inflight.is_empty() || self.lagging() {
+                    at(self.progress_at.max(self.resent_at) + RESEND_AFTER);
+                }
+                if self.members.is_empty() && self.inflight.is_empty() && self.queue.is_empty() {
+                    at(self.last_activity + self.config.idle);
+                }
+            }
+            Phase::Stopped => return None,
+        }
+        wake
+    }
+
+    // ---- events ----
+
+    /// A message from a node (this one included), received at `received`; `wall_ms` is the
+    /// wall clock, for the timestamps of new messages.
+    pub fn on_peer(&mut self, message: ToRoom, received: Instant, now: Instant, wall_ms: u64) {
+        self.wall_ms = self.wall_ms.max(wall_ms);
+        if matches!(self.phase, Phase::Stopped) {
+            if let ToRoom::Request { origin, .. } = message {
+                self.fail(&origin, "the room moved or restarted; retry");
+            }
+            return;
+        }
+        match message {
+            ToRoom::Request { origin, op, .. } => {
+                self.last_activity = now;
+                if self.is_active() {
+                    self.serve(origin, op, received, now);
+                } else if !self.view.quorum {
+                    // Waiting would not help: no claim can succeed without a majority.
+                    self.fail(
+                        &origin,
+                        "this node is cut off from the majority of the cluster; retry",
+                    );
+                } else if self.queue.len() >= QUEUE_MAX {
+                    self.fail(&origin, "room is busy moving; retry");
+                } else {
+                    self.queue.push_back(Waiting {
+                        origin,
+                        op,
+                        received,
+                    });
+                }
+            }
+            ToRoom::Subscribe {
+                node,
+                cursor,
+                sessions,
+            } => {
+                self.last_activity = now;
+                if self.is_active() {
+                    self.subscribe(node, cursor, sessions);
+                } else {
+                    self.subscriptions.push_back((node, cursor, sessions));
+                }
+            }
+            ToRoom::Promised {
+                epoch,
+                granted,
+                node,
+                state,
+            } => self.on_promised(epoch, granted, node, state, now),
+            ToRoom::Appended {
+                epoch,
+                node,
+                outcome,
+            } => self.on_appended(epoch, node, outcome, now),
+            ToRoom::Fetched { node, entries } => self.on_fetched(node, entries, now),
+        }
+    }
+
+    /// The view changed.
+    pub fn on_view(&mut self, view: Arc<View>, now: Instant) {
+        if matches!(self.phase, Phase::Stopped) {
+            return;
+        }
+        let previous = std::mem::replace(&mut self.view, view);
+        if self.is_active() {
+            // A node that was down in our previous view (a crash, or just a flapping link) had
+            // its members dropped here, while its own view may never have changed: invite it to
+            // subscribe again, with its cursor.
+            let returned: Vec<NodeName> = self
+                .view
+                .up()
+                .filter(|n| !previous.is_up(n) && **n != self.me)
+                .cloned()
+                .collect();
+            for node in returned {
+                self.room_active(node);
+            }
+        }
+        if self.view.owner(&self.id) != Some(&self.me) {
+            self.stop(Stop::Moved);
+            return;
+        }
+        let gone: Vec<NodeName> = self
+            .members
+            .nodes()
+            .filter(|n| !self.view.is_up(n))
+            .cloned()
+            .collect();
+        for node in gone {
+            for user in self.members.drop_node(&node) {
+                self.presence(&user, PresenceEvent::Leave);
+            }
+        }
+        let wanted = self.wanted_placement();
+        let waiting_for_gone = match &self.phase {
+            Phase::Claiming { waiting, .. } => waiting.iter().any(|n| !self.view.is_up(n)),
+            Phase::Syncing { fetching } => fetching.as_ref().is_some_and(|n| !self.view.is_up(n)),
+            _ => false,
+        };
+        if wanted != self.placement.nodes || waiting_for_gone {
+            self.start_claim(now);
+        }
+    }
+
+    /// Every connection of `node` is gone (its hub restarted).
+    pub fn on_node_reset(&mut self, node: &NodeName) {
+        for user in self.members.drop_node(node) {
+            self.presence(&user, PresenceEvent::Leave);
+        }
+    }
+
+    /// The flush scheduled by [`Effect::Flush`]: sends what was sequenced since.
+    pub fn on_flush(&mut self) {
+        self.flush_scheduled = false;
+        self.pump();
+    }
+
+    /// Deadlines: expired requests, claims and syncs that take too long, lost appends, idleness.
+    pub fn on_tick(&mut self, now: Instant) {
+        while self
+            .queue
+            .front()
+            .is_some_and(|w| now.duration_since(w.received) >= self.config.queue_timeout)
+        {
+            if let Some(waiting) = self.queue.pop_front() {
+                self.fail(&waiting.origin, "the room is not available yet; retry");
+            }
+        }
+        match &self.phase {
+            Phase::Claiming { since, .. } if now.duration_since(*since) >= CLAIM_TIMEOUT => {
+                tracing::debug!(room = %self.id, "claim timed out; claiming again");
+                self.start_claim(now);
+            }
+            Phase::Blocked { until } if now >= *until => self.start_claim(now),
+            Phase::Syncing { .. } if now.duration_since(self.progress_at) >= SYNC_TIMEOUT => {
+                tracing::debug!(room = %self.id, "sync made no progress; claiming again");
+                self.start_claim(now);
+            }
+            Phase::Syncing { fetching } if self.resend_due(now) => {
+                if let Some(from) = fetching.clone() {
+                    self.fetch_next(&from);
+                }
+                self.resend(now);
+            }
+            Phase::Active => {
+                if (!self.inflight.is_empty() || self.lagging()) && self.resend_due(now) {
+                    self.resend(now);
+                }
+                if self.members.is_empty()
+                    && self.inflight.is_empty()
+                    && self.queue.is_empty()
+                    && now.duration_since(self.last_activity) >= self.config.idle
+                {
+                    tracing::debug!(room = %self.id, "idle; stopping");
+                    self.stop(Stop::Idle);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The room is going away (its actor stops): every request it holds gets `unavailable` at
+    /// once instead of waiting for its timeout.
+    pub fn abandon(&mut self) {
+        self.fail_all("the room moved or restarted; retry");
+        self.phase = Phase::Stopped;
+    }
+
+    // ---- claiming ----
+
+    fn wanted_placement(&self) -> Vec<NodeName> {
+        let size = log::placement_size(self.config.replication_factor, self.view.members.len());
+        self.view.placement(&self.id, size)
+    }
+
+    fn start_claim(&mut self, now: Instant) {
+        if self.view.owner(&self.id) != Some(&self.me) {
+            self.stop(Stop::Moved);
+            return;
+        }
+        if !self.view.quorum {
+            self.phase = Phase::Blocked {
+                until: now + Duration::from_millis(500),
+            };
+            return;
+        }
+        // Entries sequenced but not yet sent to our own copy go there first, so that our own
+        // answer to the promise below includes them (the keeper handles messages in order).
+        if self.is_active() {
+            let me = self.me.clone();
+            self.pump_node(&me, u64::MAX);
+        }
+        self.epoch = self.highest_epoch.max(self.epoch) + 1;
+        self.highest_epoch = self.epoch;
+        self.placement = Placement {
+            epoch: self.epoch,
+            nodes: self.wanted_placement(),
+        };
+        let waiting: HashSet<NodeName> = self.view.up().cloned().collect();
+        for node in &waiting {
+            self.effects.push(Effect::Keeper(
+                node.clone(),
+                ToKeeper::Promise {
+                    room: self.id.clone(),
+                    epoch: self.epoch,
+                    placement: self.placement.clone(),
+                },
+            ));
+        }
+        tracing::debug!(room = %self.id, epoch = self.epoch, placement = ?self.placement.nodes, "claiming");
+        self.phase = Phase::Claiming {
+            answers: Vec::new(),
+            waiting,
+            since: now,
+        };
+    }
+
+    fn on_promised(
+        &mut self,
+        epoch: Epoch,
+        granted: bool,
+        node: NodeName,
+        state: LogState,
+        now: Instant,
+    ) {
+        self.highest_epoch = self.highest_epoch.max(state.promised);
+        let Phase::Claiming {
+            answers, waiting, ..
+        } = &mut self.phase
+        else {
+            return;
+        };
+        if epoch != self.epoch || !waiting.contains(&node) {
+            return;
+        }
+        if !granted {
+            // Another claimer got there first: back off a little, then claim above it.
+            Metrics::count(&self.metrics.room_claims, "refused");
+            let jitter = Duration::from_millis(20 + self.random() % 80);
+            self.phase = Phase::Blocked {
+                until: now + jitter,
+            };
+            return;
+        }
+        waiting.remove(&node);
+        if node == self.me {
+            // Our own answer goes first: `log::best` favours the first of equals (no copy).
+            answers.insert(0, (node, state));
+        } else {
+            answers.push((node, state));
+        }
+        if waiting.is_empty() {
+            let answers = std::mem::take(answers);
+            self.finish_claim(answers, now);
+        }
+    }
+
+    fn finish_claim(&mut self, answers: Vec<(NodeName, LogState)>, now: Instant) {
+        let majority = self.view.members.len() / 2 + 1;
+        if answers.len() < majority {
+            self.phase = Phase::Blocked {
+                until: now + Duration::from_millis(500),
+            };
+            return;
+        }
+        if !log::covers_latest_placement(&answers) {
+            tracing::warn!(room = %self.id, "no node of the room's latest placement answered; waiting");
+            Metrics::count(&self.metrics.room_claims, "blocked");
+            self.phase = Phase::Blocked {
+                until: now + Duration::from_secs(1),
+            };
+            return;
+        }
+        let Some(own) = answers
+            .iter()
+            .find(|(n, _)| *n == self.me)
+            .map(|(_, s)| s.clone())
+        else {
+            // Our own keeper did not answer: it is not running; try again later.
+            self.phase = Phase::Blocked {
+                until: now + Duration::from_millis(500),
+            };
+            return;
+        };
+        let Some((best_node, best)) = log::best(&answers).cloned() else {
+            return;
+        };
+        // What this node holds of the adopted log: its store up to `shared`, and the entries
+        // of its tail (from before this claim) that the adopted log has too.
+        let shared = log::common_prefix(&own, &best);
+        let tail_end = self.tail.back().map_or(0, |e| e.seq);
+        let tail_good = log::common_prefix(&log::truncate(&self.log, tail_end), &best);
+        while self.tail.back().is_some_and(|e| e.seq > tail_good) {
+            self.tail.pop_back();
+        }
+        // The tail must continue the store and reach beyond it, or it adds nothing.
+        if self.tail.front().is_some_and(|e| e.seq > shared + 1)
+            || self.tail.back().is_none_or(|e| e.seq <= shared)
+        {
+            self.tail.clear();
+        }
+        self.log = best.clone();
+        self.log.promised = self.epoch;
+        self.adopted = best.last_seq;
+        self.store_good = shared;
+        self.have = shared.max(self.tail.back().map_or(0, |e| e.seq));
+        self.replicas.clear();
+        for node in &self.placement.nodes {
+            let base = answers
+                .iter()
+                .find(|(n, _)| n == node)
+                .map_or(0, |(_, s)| log::common_prefix(s, &self.log));
+            self.replicas.insert(
+                node.clone(),
+                Replica {
+                    base,
+                    sent: base,
+                    matched: 0,
+                    acked: false,
+                    poke: true,
+                },
+            );
+        }
+        // Requests in flight survive the claim only if the adopted log holds their entry.
+        let log_state = &self.log;
+        let (kept, lost): (VecDeque<Inflight>, VecDeque<Inflight>) =
+            std::mem::take(&mut self.inflight)
+                .into_iter()
+                .partition(|i| log::epoch_at(log_state, i.seq) == Some(i.epoch));
+        self.inflight = kept;
+        for inflight in lost {
+            self.fail(
+                &inflight.origin,
+                "the room moved before the message was stored; retry",
+            );
+        }
+        self.progress_at = now;
+        self.resent_at = now;
+        tracing::debug!(room = %self.id, epoch = self.epoch, from = %best_node, adopted = self.adopted, have = self.have, "adopting the best copy");
+        if self.config.flaw == Some(Flaw::CommitAdopted) {
+            // The old rule: what is adopted counts as committed at once.
+            self.commit = self.commit.max(self.have.min(self.adopted));
+        }
+        let fetching = (self.have < self.adopted).then_some(best_node);
+        if let Some(from) = &fetching {
+            tracing::info!(room = %self.id, from = %from, from_seq = self.have + 1, to_seq = self.adopted, "recovering log");
+            let from = from.clone();
+            self.fetch_next(&from);
+        }
+        self.phase = Phase::Syncing { fetching };
+        if self.config.flaw == Some(Flaw::CommitAdopted) && self.have >= self.adopted {
+            self.become_active(now);
+            return;
+        }
+        self.pump();
+    }
+
+    fn fetch_next(&mut self, from: &NodeName) {
+        self.effects.push(Effect::Keeper(
+            from.clone(),
+            ToKeeper::Fetch {
+                room: self.id.clone(),
+                from: self.me.clone(),
+                from_seq: self.have + 1,
+                to_seq: self.adopted,
+            },
+        ));
+    }
+
+    fn on_fetched(&mut self, node: NodeName, entries: Vec<Entry>, now: Instant) {
+        let Phase::Syncing {
+            fetching: Some(from),
+        } = &self.phase
+        else {
+            return;
+        };
+        if *from != node {
+            return;
+        }
+        let fits = entries.first().is_some_and(|e| e.seq == self.have + 1)
+            && entries.iter().enumerate().all(|(i, e)| {
+                e.seq == self.have + 1 + i as u64
+                    && e.seq <= self.adopted
+                    && log::epoch_at(&self.log, e.seq) == Some(e.epoch)
+            });
+        if !fits {
+            // A stale answer, or a copy that lost what it promised: start over.
+            if entries.first().is_some_and(|e| e.seq <= self.have) {
+                return;
+            }
+            tracing::warn!(room = %self.id, from = %node, "fetched entries do not fit; claiming again");
+            self.phase = Phase::Blocked {
+                until: now + Duration::from_millis(200),
+            };
+            return;
+        }
+        self.progress_at = now;
+        self.have = entries.last().map_or(self.have, |e| e.seq);
+        self.tail.extend(entries);
+        if self.have < self.adopted {
+            self.fetch_next(&node);
+        } else {
+            self.phase = Phase::Syncing { fetching: None };
+            if self.config.flaw == Some(Flaw::CommitAdopted) {
+                self.commit = self.commit.max(self.adopted);
+                self.become_active(now);
+                return;
+            }
+        }
+        self.pump();
+        self.check_synced(now);
+    }
+
+    fn check_synced(&mut self, now: Instant) {
+        if !matches!(self.phase, Phase::Syncing { fetching: None }) {
+            return;
+        }
+        let synced = self.placement.nodes.iter().all(|n| {
+            self.replicas
+                .get(n)
+                .is_some_and(|r| r.acked && r.matched >= self.adopted)
+        });
+        if synced {
+            self.become_active(now);
+        }
+    }
+
+    fn become_active(&mut self, now: Instant) {
+        Metrics::count(&self.metrics.room_claims, "won");
+        self.phase = Phase::Active;
+        self.progress_at = now;
+        self.resent_at = now;
+        tracing::info!(room = %self.id, epoch = self.epoch, last_seq = self.log.last_seq, placement = ?self.placement.nodes, "room active");
+        self.load_tail();
+        self.rebuild_dedupe();
+        self.advance_commit(now);
+        for node in self.view.up().cloned().collect::<Vec<_>>() {
+            self.room_active(node);
+        }
+        while let Some((node, cursor, sessions)) = self.subscriptions.pop_front() {
+            self.subscribe(node, cursor, sessions);
+        }
+        while let Some(waiting) = self.queue.pop_front() {
+            if !self.is_active() {
+                self.queue.push_front(waiting);
+                break;
+            }
+            self.serve(waiting.origin, waiting.op, waiting.received, now);
+        }
+        self.pump();
+    }
+
+    // ---- replication ----
+
+    fn on_appended(&mut self, epoch: Epoch, node: NodeName, outcome: AppendOutcome, now: Instant) {
+        match outcome {
+            AppendOutcome::Fenced { promised } => {
+                self.highest_epoch = self.highest_epoch.max(promised);
+                if promised > self.epoch {
+                    tracing::warn!(room = %self.id, epoch = self.epoch, promised, by = %node, "fenced by a newer epoch");
+                    self.stop(Stop::Fenced);
+                }
+            }
+            _ if epoch != self.epoch
+                || !matches!(self.phase, Phase::Syncing { .. } | Phase::Active) =>
+            {
+                // An answer to an append of an earlier epoch (or claim).
+            }
+            AppendOutcome::NotPromised { promised } => {
+                self.highest_epoch = self.highest_epoch.max(promised);
+                tracing::warn!(room = %self.id, epoch = self.epoch, by = %node, "a copy forgot its promise; claiming again");
+                self.start_claim(now);
+            }
+            AppendOutcome::Diverged { state } => {
+                let point = log::common_prefix(&state, &self.log);
+                if let Some(replica) = self.replicas.get_mut(&node) {
+                    // It lacks what was sent (a lost message): resend from where it agrees.
+                    replica.sent = replica.sent.min(point);
+                    replica.base = replica.base.min(point);
+                    replica.poke = true;
+                }
+                self.pump();
+            }
+            AppendOutcome::Stored { last_seq } => {
+                let Some(replica) = self.replicas.get_mut(&node) else {
+                    return;
+                };
+                let last_seq = last_seq.min(self.log.last_seq);
+                if last_seq > replica.matched || !replica.acked {
+                    self.progress_at = now;
+                }
+                replica.acked = true;
+                if last_seq > replica.matched {
+                    replica.matched = last_seq;
+                    replica.sent = replica.sent.max(last_seq);
+                }
+                if node == self.me {
+                    self.store_good = self.store_good.max(last_seq);
+                }
+                if self.is_active() {
+                    self.advance_commit(now);
+                    self.trim_tail();
+                } else {
+                    self.check_synced(now);
+                }
+                self.pump();
+            }
+        }
+    }
+
+    /// Whether a node of the placement lacks entries it was sent.
+    fn lagging(&self) -> bool {
+        self.replicas
+            .values()
+            .any(|r| r.matched < self.log.last_seq || !r.acked)
+    }
+
+    fn resend_due(&self, now: Instant) -> bool {
+        now.duration_since(self.progress_at.max(self.resent_at)) >= RESEND_AFTER
+    }
+
+    /// Appends or their answers were lost: sends again what is unacknowledged.
+    fn resend(&mut self, now: Instant) {
+        let last = self.log.last_seq;
+        for replica in self.replicas.values_mut() {
+            if replica.matched < last || !replica.acked {
+                replica.sent = replica.matched.max(replica.base);
+                replica.poke = true;
+            }
+        }
+        self.resent_at = now;
+        self.pump();
+    }
+
+    /// Sends every node of the placement what it lacks, within the replication window.
+    fn pump(&mut self) {
+        if !matches!(self.phase, Phase::Syncing { .. } | Phase::Active) {
+            return;
+        }
+        for node in self.placement.nodes.clone() {
+            self.pump_node(&node, WINDOW_ENTRIES);
+        }
+    }
+
+    fn pump_node(&mut self, node: &NodeName, window: u64) {
+        loop {
+            let Some(replica) = self.replicas.get(node).copied() else {
+                return;
+            };
+            let floor = replica.matched.max(replica.base);
+            let wants = replica.sent < self.log.last_seq || replica.poke;
+            if !wants || replica.sent.saturating_sub(floor) >= window {
+                return;
+            }
+            let from = replica.sent + 1;
+            let to = self.have.min(replica.sent + CHUNK_ENTRIES as u64);
+            let entries = if from <= to {
+                self.range(from, to, CHUNK_BYTES)
+            } else {
+                Vec::new()
+            };
+            if entries.is_empty() && !replica.poke {
+                // What it lacks is not here yet (being fetched).
+                return;
+            }
+            let last = entries.last().map_or(replica.sent, |e| e.seq);
+            self.effects.push(Effect::Keeper(
+                node.clone(),
+                ToKeeper::Append {
+                    room: self.id.clone(),
+                    epoch: self.epoch,
+                    placement: self.placement.clone(),
+                    after_seq: replica.sent,
+                    after_epoch: log::epoch_at(&self.log, replica.sent).unwrap_or(0),
+                    entries,
+                    owner_last_seq: self.log.last_seq,
+                    owner_runs: log::runs_after(&self.log, replica.sent),
+                    adopted: self.adopted,
+                },
+            ));
+            if let Some(replica) = self.replicas.get_mut(node) {
+                replica.sent = last;
+                replica.poke = false;
+            }
+        }
+    }
+
+    /// Commits what every node of the placement stored under this epoch: fans it out and
+    /// acknowledges its senders.
+    fn advance_commit(&mut self, now: Instant) {
+        let point = log::commit_point(
+            self.placement
+                .nodes
+                .iter()
+                .filter_map(|n| self.replicas.get(n))
+                .map(|r| &r.matched),
+        )
+        .min(self.have);
+        if point <= self.commit || point < self.adopted {
+            return;
+        }
+        let from = self.commit + 1;
+        self.commit = point;
+        if self.members.nodes().next().is_some() {
+            let entries = self.range(from, point, usize::MAX);
+            for chunk in chunks(entries) {
+                for node in self.members.nodes() {
+                    self.effects.push(Effect::Hub(
+                        node.clone(),
+                        ToHub::Fanout {
+                            room: self.id.clone(),
+                            entries: chunk.clone(),
+                        },
+                    ));
+                }
+            }
+        }
+        while self.inflight.front().is_some_and(|i| i.seq <= point) {
+            let Some(done) = self.inflight.pop_front() else {
+                break;
+            };
+            self.metrics
+                .send_ack_seconds
+                .observe(now.duration_since(done.received).as_secs_f64());
+            self.reply(
+                &done.origin,
+                Reply::Acked {
+                    room: self.id.clone(),
+                    seq: done.seq,
+                },
+            );
+        }
+    }
+
+    // ---- serving ----
+
+    fn serve(&mut self, origin: Origin, op: RoomOp, received: Instant, now: Instant) {
+        match op {
+            RoomOp::Join {
+                session,
+                user,
+                since,
+            } => {
+                let presence = self.members.join(&origin.node, session, &user);
+                let seq = self.commit;
+                let replay = match since {
+                    Some(since) if since < seq => {
+                        let from = since.max(seq.saturating_sub(self.config.replay_cap as u64)) + 1;
+                        self.newest(from, seq, REPLAY_BYTES)
+                    }
+                    _ => Vec::new(),
+                };
+                self.reply(
+                    &origin,
+                    Reply::Joined {
+                        room: self.id.clone(),
+                        seq,
+                        replay,
+                    },
+                );
+                if let Some(event) = presence {
+                    self.presence(&user, event);
+                }
+            }
+            RoomOp::Leave { session, .. } => {
+                let gone = self.members.leave(&origin.node, session);
+                self.reply(
+                    &origin,
+                    Reply::Left {
+                        room: self.id.clone(),
+                    },
+                );
+                if let Some(user) = gone {
+                    self.presence(&user, PresenceEvent::Leave);
+                }
+            }
+            RoomOp::Publish {
+                user,
+                text,
+                client_id,
+            } => self.publish(origin, user, text, client_id, received, now),
+            RoomOp::GetHistory { before, limit } => {
+                let before = before.unwrap_or(u64::MAX).min(self.commit + 1);
+                let messages = if before <= 1 {
+                    Vec::new()
+                } else {
+                    let from = before.saturating_sub(u64::from(limit)).max(1);
+                    self.newest(from, before - 1, REPLAY_BYTES)
+                };
+                self.reply(
+                    &origin,
+                    Reply::History {
+                        room: self.id.clone(),
+                        messages,
+                    },
+                );
+            }
+            RoomOp::GetMembers => {
+                let users = self.members.users();
+                self.reply(
+                    &origin,
+                    Reply::Members {
+                        room: self.id.clone(),
+                        users,
+                    },
+                );
+            }
+        }
+    }
+
+    fn publish(
+        &mut self,
+        origin: Origin,
+        user: UserName,
+        text: String,
+        client_id: Option<String>,
+        received: Instant,
+        now: Instant,
+    ) {
+        if !self.view.quorum {
+            self.fail(
+                &origin,
+                "this node is cut off from the majority of the cluster; retry",
+            );
+            return;
+        }
+        if let Some(id) = &client_id
+            && let Some(&seq) = self.dedupe.get(&(user.clone(), id.clone()))
+        {
+            // A retry: acknowledged with the first copy's seq, once that copy is committed.
+            if seq <= self.commit {
+                self.reply(
+                    &origin,
+                    Reply::Acked {
+                        room: self.id.clone(),
+                        seq,
+                    },
+                );
+            } else {
+                let epoch = log::epoch_at(&self.log, seq).unwrap_or(self.epoch);
+                let at = self.inflight.partition_point(|i| i.seq <= seq);
+                self.inflight.insert(
+                    at,
+                    Inflight {
+                        seq,
+                        epoch,
+                        origin,
+                        received,
+                    },
+                );
+            }
+            return;
+        }
+        let seq = self.log.last_seq + 1;
+        let ts = self.wall_ms.max(self.last_ts);
+        self.last_ts = ts;
+        let entry = Entry {
+            seq,
+            epoch: self.epoch,
+            from: user.clone(),
+            text,
+            ts,
+            client_id: client_id.clone(),
+        };
+        log::extend(&mut self.log, std::slice::from_ref(&entry));
+        self.have = seq;
+        if let Some(id) = client_id {
+            self.remember(user, id, seq);
+        }
+        self.tail.push_back(entry);
+        self.inflight.push_back(Inflight {
+            seq,
+            epoch: self.epoch,
+            origin,
+            received,
+        });
+        if self.inflight.len() == 1 {
+            // The resend timer starts with the first message waiting for acknowledgements.
+            self.resent_at = now;
+        }
+        self.metrics.messages_stored.inc();
+        if !self.flush_scheduled {
+            self.flush_scheduled = true;
+            self.effects.push(Effect::Flush);
+        }
+    }
+
+    fn subscribe(&mut self, node: NodeName, cursor: u64, sessions: Vec<(SessionId, UserName)>) {
+        if !self.view.is_up(&node) {
+            return;
+        }
+        // Rebuilt membership after a move: not news to anyone, so no presence events.
+        let _ = self.members.replace_node(&node, &sessions);
+        if sessions.is_empty() || cursor >= self.commit {
+            return;
+        }
+        let from = (cursor + 1).max(self.commit.saturating_sub(self.config.replay_cap as u64) + 1);
+        let entries = self.newest(from, self.commit, REPLAY_BYTES);
+        for chunk in chunks(entries) {
+            self.effects.push(Effect::Hub(
+                node.clone(),
+                ToHub::Fanout {
+                    room: self.id.clone(),
+                    entries: chunk,
+                },
+            ));
+        }
+    }
+
+    fn room_active(&mut self, node: NodeName) {
+        self.effects.push(Effect::Hub(
+            node,
+            ToHub::RoomActive {
+                room: self.id.clone(),
+                owner: self.me.clone(),
+            },
+        ));
+    }
+
+    fn presence(&mut self, user: &UserName, event: PresenceEvent) {
+        for node in self.members.nodes() {
+            self.effects.push(Effect::Hub(
+                node.clone(),
+                ToHub::Presence {
+                    room: self.id.clone(),
+                    user: user.clone(),
+                    event,
+                },
+            ));
+        }
+    }
+
+    fn stop(&mut self, why: Stop) {
+        if matches!(self.phase, Phase::Stopped) {
+            return;
+        }
+        tracing::info!(room = %self.id, epoch = self.epoch, why = why.as_str(), "stepping down");
+        self.fail_all("the room moved; retry");
+        self.phase = Phase::Stopped;
+        self.effects.push(Effect::Stop(why));
+    }
+
+    fn fail_all(&mut self, message: &str) {
+        while let Some(waiting) = self.queue.pop_front() {
+            self.fail(&waiting.origin, message);
+        }
+        while let Some(inflight) = self.inflight.pop_front() {
+            self.fail(&inflight.origin, message);
+        }
+    }
+
+    fn reply(&mut self, origin: &Origin, reply: Reply) {
+        if origin.req == 0 {
+            return;
+        }
+        self.effects.push(Effect::Hub(
+            origin.node.clone(),
+            ToHub::Reply {
+                req: origin.req,
+                reply,
+            },
+        ));
+    }
+
+    fn fail(&mut self, origin: &Origin, message: &str) {
+        self.reply(
+            origin,
+            Reply::Failed {
+                code: ErrorCode::Unavailable,
+                message: message.to_owned(),
+            },
+        );
+    }
+
+    fn random(&mut self) -> u64 {
+        // xorshift: jitter only, not a secret.
+        let mut x = self.rng;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng = x;
+        x
+    }
+
+    // ---- entries ----
+
+    /// Entries `from..=to` (at most up to what this owner holds), from the tail and, below it,
+    /// from the store; at least one when any exists, then up to about `max_bytes`.
+    fn range(&self, from: u64, to: u64, max_bytes: usize) -> Vec<Entry> {
+        let to = to.min(self.have);
+        if from > to {
+            return Vec::new();
+        }
+        let tail_start = self.tail.front().map_or(u64::MAX, |e| e.seq);
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        if from < tail_start {
+            let upto = to.min(tail_start.saturating_sub(1)).min(self.store_good);
+            if upto < from {
+                return out;
+            }
+            match self.reader.entries(&self.id, from, upto, max_bytes) {
+                Ok(stored) => {
+                    bytes = stored.iter().map(|e| e.text.len() + 64).sum();
+                    let complete = stored.last().map(|e| e.seq) == Some(upto);
+                    out = stored;
+                    if !complete || bytes >= max_bytes || upto < tail_start.saturating_sub(1) {
+                        return out;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(room = %self.id, error = %e, "store read failed");
+                    return out;
+                }
+            }
+        }
+        for entry in self.tail.iter().filter(|e| e.seq >= from && e.seq <= to) {
+            if bytes >= max_bytes && !out.is_empty() {
+                break;
+            }
+            bytes += entry.text.len() + 64;
+            out.push(entry.clone());
+        }
+        out
+    }
+
+    /// The newest entries of `from..=to` that fit in about `max_bytes`, oldest first.
+    fn newest(&self, from: u64, to: u64, max_bytes: usize) -> Vec<Entry> {
+        let mut entries = self.range(from, to, usize::MAX);
+        let mut bytes: usize = entries.iter().map(|e| e.text.len() + 64).sum();
+        let mut drop = 0;
+        while bytes > max_bytes && drop + 1 < entries.len() {
+            bytes -= entries[drop].text.len() + 64;
+            drop += 1;
+        }
+        entries.drain(..drop);
+        entries
+    }
+
+    fn load_tail(&mut self) {
+        // The committed stretch below the tail comes from the store, for replays.
+        let first_in_tail = self.tail.front().map_or(self.have + 1, |e| e.seq);
+        let upto = first_in_tail.saturating_sub(1).min(self.store_good);
+        if upto == 0 || first_in_tail > self.store_good + 1 {
+            return;
+        }
+        let from = upto.saturating_sub(TAIL_KEEP as u64 - 1).max(1);
+        match self.reader.entries(&self.id, from, upto, usize::MAX) {
+            Ok(entries) => {
+                for entry in entries.into_iter().rev() {
+                    self.tail.push_front(entry);
+                }
+            }
+            Err(e) => tracing::error!(room = %self.id, error = %e, "store read failed"),
+        }
+    }
+
+    fn trim_tail(&mut self) {
+        let keep_from = self.commit.min(self.store_good);
+        while self.tail.len() > TAIL_KEEP && self.tail.front().is_some_and(|e| e.seq <= keep_from) {
+            self.tail.pop_front();
+        }
+    }
+
+    fn rebuild_dedupe(&mut self) {
+        self.dedupe.clear();
+        self.dedupe_order.clear();
+        let from = self.have.saturating_sub(DEDUPE_KEEP as u64) + 1;
+        for entry in self.range(from, self.have, usize::MAX) {
+            if let Some(id) = entry.client_id {
+                self.remember(entry.from, id, entry.seq);
+            }
+        }
+        self.last_ts = self.last_ts.max(self.tail.back().map_or(0, |e| e.ts));
+    }
+
+    fn remember(&mut self, user: UserName, id: String, seq: u64) {
+        let key = (user, id);
+        if self.dedupe.insert(key.clone(), seq).is_none() {
+            self.dedupe_order.push_back(key);
+        }
+        while self.dedupe_order.len() > DEDUPE_KEEP {
+            if let Some(old) = self.dedupe_order.pop_front() {
+                self.dedupe.remove(&old);
+            }
+        }
+    }
+}
+
+/// Splits entries into messages of bounded size.
+fn chunks(entries: Vec<Entry>) -> Vec<Vec<Entry>> {
+    let mut out = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = 0;
+    for entry in entries {
+        bytes += entry.text.len() + 64;
+        current.push(entry);
+        if current.len() >= CHUNK_ENTRIES || bytes >= CHUNK_BYTES {
+            out.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
