@@ -1,28 +1,26 @@
-//! The Hub actor: where this node's connections meet the cluster.
+//! The Hub actor: where this node's connections meet the cluster. A thin shell around
+//! [`HubCore`], which keeps the books (sessions, the rooms they joined, pending requests, each
+//! room's cursor) and decides what goes where.
 //!
-//! It keeps the node's sessions (their outboxes), the rooms they joined, and the requests they
-//! are waiting on. Requests go to the owner of their room (or the home node of a user, for
-//! `direct`) under the current view; replies come back here and are written to the requesting
-//! connection with its `ref`. Requests not answered in time, or sent to a node that went down,
-//! get `unavailable`.
+//! The shell owns each connection's [`Outbox`] and renders frames: a room's message is rendered
+//! once and the same bytes are queued to every session that receives it; replies carry the
+//! request's `ref`. Requests go out through [`Net`] to the room's owner (or a user's home, for
+//! `direct`); a request that cannot be handed over fails at once, one not answered in time gets
+//! `unavailable` (the core's deadlines, checked every [`TICK`]).
 //!
 //! Fan-out: the owner of a room sends each message once to every node with members; the hub
-//! renders the frame once and queues the same bytes to each of its sessions in the room. It
-//! delivers a room's messages strictly in seq order: a cursor per room drops duplicates, and a
-//! gap (a message lost with a broken link, or a room that moved) makes the hub subscribe again
-//! with its cursor, upon which the owner re-sends what is missing. When a room's owner changes,
-//! the hub subscribes to the new owner the same way, so connected clients keep a gap-free
-//! stream across failovers.
+//! delivers a room's messages strictly in seq order with no gaps, also across moves of the room
+//! ([`core`] explains how).
 
-use std::collections::{HashMap, HashSet};
+pub mod core;
+
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chat_protocol::client::{ErrorFrame, MessageView, Ref, ServerFrame};
-use chat_protocol::peer::{
-    Entry, Origin, PeerMessage, Reply, RoomOp, SessionId, ToDirectory, ToHub, ToRoom, ToRooms,
-};
-use chat_protocol::{ErrorCode, NodeName, PresenceEvent, RoomId, UserName};
+use chat_protocol::peer::{Entry, Reply, SessionId, ToHub};
+use chat_protocol::{RoomId, UserName};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -32,6 +30,8 @@ use crate::cluster::Views;
 use crate::cluster::view::View;
 use crate::gateway::outbox::{Closing, Outbox};
 use crate::net::Net;
+pub use core::HubRequest;
+use core::{Delivery, HubCore, HubEffect};
 
 /// How often pending requests are checked against their deadline.
 const TICK: Duration = Duration::from_millis(250);
@@ -49,27 +49,6 @@ pub struct HubArgs {
     pub views: Views,
     /// How long a request may wait for its reply.
     pub request_timeout: Duration,
-}
-
-/// A request from a connection, already validated by its session.
-#[derive(Debug)]
-pub enum HubRequest {
-    /// A request for a room's owner.
-    Room {
-        /// The room.
-        room: RoomId,
-        /// What is asked.
-        op: RoomOp,
-    },
-    /// A direct message.
-    Direct {
-        /// The sender.
-        from: UserName,
-        /// The addressee.
-        to: UserName,
-        /// The text.
-        text: String,
-    },
 }
 
 /// Messages of the hub.
@@ -110,57 +89,12 @@ pub enum HubMessage {
     Tick,
 }
 
-struct LocalSession {
-    user: UserName,
-    outbox: Outbox,
-    rooms: HashSet<RoomId>,
-}
-
-/// A room as seen by this node's sessions.
-#[derive(Default)]
-struct LocalRoom {
-    /// The node the sessions' joins and subscriptions went to.
-    owner: Option<NodeName>,
-    /// The last seq delivered (None before the first join reply).
-    cursor: Option<u64>,
-    /// A subscription with the cursor is on its way: drop everything but `cursor + 1`.
-    resyncing: bool,
-    /// Joined sessions and the seq after which each receives messages.
-    active: HashMap<SessionId, u64>,
-    /// Sessions whose join is on its way.
-    joining: HashSet<SessionId>,
-}
-
-impl LocalRoom {
-    fn is_empty(&self) -> bool {
-        self.active.is_empty() && self.joining.is_empty()
-    }
-}
-
-enum Kind {
-    Join(RoomId),
-    Other,
-}
-
-struct Pending {
-    session: SessionId,
-    reference: Option<Ref>,
-    kind: Kind,
-    target: NodeName,
-    received: Instant,
-}
-
 /// The hub's state.
 pub struct HubState {
+    core: HubCore,
     net: Net,
+    outboxes: HashMap<SessionId, Outbox>,
     _tasks: Tasks,
-    request_timeout: Duration,
-    view: Arc<View>,
-    next_req: u64,
-    sessions: HashMap<SessionId, LocalSession>,
-    users: HashMap<UserName, HashSet<SessionId>>,
-    rooms: HashMap<RoomId, LocalRoom>,
-    pending: HashMap<u64, Pending>,
 }
 
 impl Actor for Hub {
@@ -183,29 +117,16 @@ impl Actor for Hub {
             HubMessage::ViewChanged,
         ));
         myself.send_interval(TICK, || HubMessage::Tick);
-        // Starting empty: whatever rooms and directories hold about this node's connections
-        // (from before a restart of the hub or of the node) is stale.
         let view = args.views.borrow().clone();
-        let me = args.net.me().clone();
-        for node in view.up() {
-            let _ = args
-                .net
-                .to_rooms(node, ToRooms::SessionsReset { node: me.clone() });
-            let _ = args
-                .net
-                .to_directory(node, ToDirectory::SessionsReset { node: me.clone() });
-        }
-        Ok(HubState {
-            view,
+        let core = HubCore::new(args.net.me().clone(), view, args.request_timeout);
+        let mut state = HubState {
+            core,
             net: args.net,
+            outboxes: HashMap::new(),
             _tasks: tasks,
-            request_timeout: args.request_timeout,
-            next_req: 1,
-            sessions: HashMap::new(),
-            users: HashMap::new(),
-            rooms: HashMap::new(),
-            pending: HashMap::new(),
-        })
+        };
+        state.carry_out();
+        Ok(state)
     }
 
     async fn post_stop(
@@ -223,247 +144,146 @@ impl Actor for Hub {
         message: HubMessage,
         state: &mut HubState,
     ) -> Result<(), ActorProcessingErr> {
+        let now = Instant::now();
         match message {
             HubMessage::Register {
                 session,
                 user,
                 outbox,
-            } => state.register(session, user, outbox),
-            HubMessage::Unregister { session } => state.unregister(session),
+            } => {
+                state.outboxes.insert(session, outbox);
+                state.core.register(session, user);
+            }
+            HubMessage::Unregister { session } => {
+                state.outboxes.remove(&session);
+                state.core.unregister(session);
+            }
             HubMessage::Request {
                 session,
                 reference,
                 request,
                 received,
-            } => state.request(session, reference, request, received),
-            HubMessage::Peer(message) => state.peer(message),
-            HubMessage::ViewChanged(view) => state.view_changed(view),
+            } => state.core.request(session, reference, request, received),
+            HubMessage::Peer(message) => {
+                if let Some(delivery) = state.core.on_peer(message, now) {
+                    deliver(&state.outboxes, &delivery);
+                }
+            }
+            HubMessage::ViewChanged(view) => state.core.on_view(view),
             HubMessage::CloseAll(why) => state.close_all(why),
-            HubMessage::Tick => state.expire(),
+            HubMessage::Tick => state.core.on_tick(now),
         }
+        state.carry_out();
         Ok(())
     }
 }
 
+/// Queues a room's fresh messages to the sessions that receive them, each rendered once.
+fn deliver(outboxes: &HashMap<SessionId, Outbox>, delivery: &Delivery<'_>) {
+    let room = delivery.room;
+    match delivery.entries.as_slice() {
+        [] => {}
+        [entry] => {
+            // The common case: one message, one shared frame, no allocation per session.
+            let frame = Utf8Bytes::from(message_view(room, entry).to_json());
+            for (session, after) in delivery.recipients() {
+                if entry.seq > after
+                    && let Some(outbox) = outboxes.get(&session)
+                {
+                    outbox.push(frame.clone());
+                }
+            }
+        }
+        entries => {
+            let frames: Vec<(u64, Utf8Bytes)> = entries
+                .iter()
+                .map(|e| (e.seq, Utf8Bytes::from(message_view(room, e).to_json())))
+                .collect();
+            for (session, after) in delivery.recipients() {
+                let Some(outbox) = outboxes.get(&session) else {
+                    continue;
+                };
+                let batch: Vec<Utf8Bytes> = frames
+                    .iter()
+                    .filter(|(seq, _)| *seq > after)
+                    .map(|(_, frame)| frame.clone())
+                    .collect();
+                // A catch-up burst takes one slot of the client's queue.
+                outbox.push_batch(batch);
+            }
+        }
+    }
+}
+
 impl HubState {
-    fn me(&self) -> &NodeName {
-        self.net.me()
-    }
-
-    fn register(&mut self, session: SessionId, user: UserName, outbox: Outbox) {
-        let sessions = self.users.entry(user.clone()).or_default();
-        let first = sessions.is_empty();
-        sessions.insert(session);
-        self.sessions.insert(
-            session,
-            LocalSession {
-                user: user.clone(),
-                outbox,
-                rooms: HashSet::new(),
-            },
-        );
-        if first {
-            self.announce(vec![user], Vec::new());
-        }
-    }
-
-    fn unregister(&mut self, session: SessionId) {
-        let Some(local) = self.sessions.remove(&session) else {
-            return;
-        };
-        for room in &local.rooms {
-            let Some(lr) = self.rooms.get_mut(room) else {
-                continue;
-            };
-            lr.active.remove(&session);
-            lr.joining.remove(&session);
-            let owner = lr.owner.clone();
-            if lr.is_empty() {
-                self.rooms.remove(room);
+    fn carry_out(&mut self) {
+        // Carrying out an effect can make the core decide more (a request that could not be
+        // sent fails): drain until nothing is left.
+        loop {
+            let effects = self.core.take_effects();
+            if effects.is_empty() {
+                return;
             }
-            // Nobody waits for this reply (req 0).
-            let leave = ToRoom::Request {
-                origin: Origin {
-                    node: self.me().clone(),
-                    req: 0,
-                },
-                op: RoomOp::Leave {
-                    session,
-                    user: local.user.clone(),
-                },
-                hops: 0,
-            };
-            if let Some(owner) = owner.or_else(|| self.view.owner(room).cloned()) {
-                let _ = self.net.to_room(&owner, room.clone(), leave);
-            }
-        }
-        self.pending.retain(|_, p| p.session != session);
-        if let Some(sessions) = self.users.get_mut(&local.user) {
-            sessions.remove(&session);
-            if sessions.is_empty() {
-                self.users.remove(&local.user);
-                self.announce(Vec::new(), vec![local.user]);
+            for effect in effects {
+                self.carry_out_one(effect);
             }
         }
     }
 
-    /// Tells the users' home nodes that they are (no longer) connected here.
-    fn announce(&self, online: Vec<UserName>, offline: Vec<UserName>) {
-        let mut by_home: HashMap<NodeName, (Vec<UserName>, Vec<UserName>)> = HashMap::new();
-        for user in online {
-            if let Some(home) = self.view.home(&user) {
-                by_home.entry(home.clone()).or_default().0.push(user);
+    fn carry_out_one(&mut self, effect: HubEffect) {
+        match effect {
+            HubEffect::Peer(node, message) => {
+                let _ = self.net.send(&node, message);
             }
-        }
-        for user in offline {
-            if let Some(home) = self.view.home(&user) {
-                by_home.entry(home.clone()).or_default().1.push(user);
+            HubEffect::Request {
+                req,
+                target,
+                message,
+            } => {
+                if self.net.send(&target, message).is_err() {
+                    self.core.request_failed(req);
+                }
             }
-        }
-        for (home, (online, offline)) in by_home {
-            for chunk in online.chunks(10_000) {
-                let _ = self.net.to_directory(
-                    &home,
-                    ToDirectory::Presences {
-                        node: self.me().clone(),
-                        online: chunk.to_vec(),
-                        offline: Vec::new(),
-                    },
-                );
-            }
-            if !offline.is_empty() {
-                let _ = self.net.to_directory(
-                    &home,
-                    ToDirectory::Presences {
-                        node: self.me().clone(),
-                        online: Vec::new(),
-                        offline,
-                    },
-                );
-            }
-        }
-    }
-
-    fn request(
-        &mut self,
-        session: SessionId,
-        reference: Option<Ref>,
-        request: HubRequest,
-        received: Instant,
-    ) {
-        let Some(local) = self.sessions.get(&session) else {
-            return;
-        };
-        if let HubRequest::Room {
-            room,
-            op: RoomOp::Publish { .. },
-        } = &request
-            && !local.rooms.contains(room)
-        {
-            self.error(
-                session,
-                reference.as_deref(),
-                ErrorCode::NotJoined,
-                "join the room before sending to it",
-            );
-            return;
-        }
-        let req = self.next_req;
-        self.next_req += 1;
-        let origin = Origin {
-            node: self.me().clone(),
-            req,
-        };
-        let (target, message, kind) = match request {
-            HubRequest::Room { room, op } => {
-                let Some(owner) = self.view.owner(&room).cloned() else {
-                    self.error(
-                        session,
-                        reference.as_deref(),
-                        ErrorCode::Unavailable,
-                        "no node can serve the room right now",
-                    );
-                    return;
-                };
-                let kind = match &op {
-                    RoomOp::Join { .. } => {
-                        let lr = self.rooms.entry(room.clone()).or_default();
-                        lr.joining.insert(session);
-                        lr.owner.get_or_insert_with(|| owner.clone());
-                        if let Some(local) = self.sessions.get_mut(&session) {
-                            local.rooms.insert(room.clone());
-                        }
-                        Kind::Join(room.clone())
-                    }
-                    RoomOp::Leave { .. } => {
-                        if let Some(lr) = self.rooms.get_mut(&room) {
-                            lr.active.remove(&session);
-                            lr.joining.remove(&session);
-                            if lr.is_empty() {
-                                self.rooms.remove(&room);
-                            }
-                        }
-                        if let Some(local) = self.sessions.get_mut(&session) {
-                            local.rooms.remove(&room);
-                        }
-                        Kind::Other
-                    }
-                    _ => Kind::Other,
-                };
-                let message = PeerMessage::Rooms(ToRooms::Room {
-                    room,
-                    message: ToRoom::Request {
-                        origin,
-                        op,
-                        hops: 0,
-                    },
-                });
-                (owner, message, kind)
-            }
-            HubRequest::Direct { from, to, text } => {
-                let Some(home) = self.view.home(&to).cloned() else {
-                    self.error(
-                        session,
-                        reference.as_deref(),
-                        ErrorCode::Unavailable,
-                        "no node can route the message right now",
-                    );
-                    return;
-                };
-                let message = PeerMessage::Directory(ToDirectory::Direct {
-                    origin,
-                    from,
-                    to,
-                    text,
-                });
-                (home, message, Kind::Other)
-            }
-        };
-        self.pending.insert(
-            req,
-            Pending {
+            HubEffect::Reply {
                 session,
                 reference,
-                kind,
-                target: target.clone(),
-                received,
-            },
-        );
-        if self.net.send(&target, message).is_err() {
-            self.fail(
-                req,
-                ErrorCode::Unavailable,
-                "the node serving this request is unreachable; retry",
-            );
-        }
-    }
-
-    fn peer(&mut self, message: ToHub) {
-        match message {
-            ToHub::Reply { req, reply } => self.reply(req, reply),
-            ToHub::Fanout { room, entries } => self.fanout(&room, &entries),
-            ToHub::Presence { room, user, event } => self.presence(&room, &user, event),
-            ToHub::DeliverDirect { to, from, text, ts } => {
+                reply,
+            } => self.reply(session, reference.as_deref(), reply),
+            HubEffect::CatchUp {
+                session,
+                room,
+                entries,
+            } => {
+                if let Some(outbox) = self.outboxes.get(&session) {
+                    let frames = entries
+                        .iter()
+                        .map(|e| Utf8Bytes::from(message_view(&room, e).to_json()))
+                        .collect();
+                    outbox.push_batch(frames);
+                }
+            }
+            HubEffect::Presence {
+                room,
+                user,
+                event,
+                sessions,
+            } => {
+                let frame = Utf8Bytes::from(
+                    ServerFrame::Presence {
+                        room: room.as_str(),
+                        user: user.as_str(),
+                        event,
+                    }
+                    .to_json(),
+                );
+                self.push_all(&sessions, &frame);
+            }
+            HubEffect::Direct {
+                from,
+                text,
+                ts,
+                sessions,
+            } => {
                 let frame = Utf8Bytes::from(
                     ServerFrame::Direct {
                         from: from.as_str(),
@@ -472,42 +292,28 @@ impl HubState {
                     }
                     .to_json(),
                 );
-                for session in self.users.get(&to).into_iter().flatten() {
-                    if let Some(local) = self.sessions.get(session) {
-                        local.outbox.push(frame.clone());
-                    }
-                }
-            }
-            ToHub::Reannounce { node } => {
-                let users: Vec<UserName> = self
-                    .users
-                    .keys()
-                    .filter(|u| self.view.home(u) == Some(&node))
-                    .cloned()
-                    .collect();
-                self.announce(users, Vec::new());
-            }
-            ToHub::RoomActive { room, owner } => {
-                if let Some(lr) = self.rooms.get_mut(&room) {
-                    lr.owner = Some(owner.clone());
-                }
-                self.subscribe(&room);
+                self.push_all(&sessions, &frame);
             }
         }
     }
 
-    fn reply(&mut self, req: u64, reply: Reply) {
-        let Some(pending) = self.pending.remove(&req) else {
-            tracing::debug!(
-                req,
-                "reply to a request that timed out or whose connection closed"
-            );
+    fn push_all(&self, sessions: &[SessionId], frame: &Utf8Bytes) {
+        for session in sessions {
+            if let Some(outbox) = self.outboxes.get(session) {
+                outbox.push(frame.clone());
+            }
+        }
+    }
+
+    fn reply(
+        &self,
+        session: SessionId,
+        reference: Option<&serde_json::value::RawValue>,
+        reply: Reply,
+    ) {
+        let Some(outbox) = self.outboxes.get(&session) else {
             return;
         };
-        let Some(local) = self.sessions.get(&pending.session) else {
-            return;
-        };
-        let reference = pending.reference.as_deref();
         let frame = match reply {
             Reply::Joined { room, seq, replay } => {
                 let frame = ServerFrame::Joined {
@@ -524,8 +330,7 @@ impl HubState {
                         .iter()
                         .map(|entry| Utf8Bytes::from(message_view(&room, entry).to_json())),
                 );
-                local.outbox.push_batch(frames);
-                self.joined(&room, pending.session, seq);
+                outbox.push_batch(frames);
                 return;
             }
             Reply::Left { room } => ServerFrame::Left {
@@ -565,9 +370,6 @@ impl HubState {
             }
             .to_json(),
             Reply::Failed { code, message } => {
-                if let Kind::Join(room) = &pending.kind {
-                    self.join_failed(room, pending.session);
-                }
                 self.net.metrics().error(code);
                 ServerFrame::Error(ErrorFrame {
                     reference,
@@ -577,237 +379,12 @@ impl HubState {
                 .to_json()
             }
         };
-        if let Some(local) = self.sessions.get(&pending.session) {
-            local.outbox.push_text(frame);
-        }
-    }
-
-    /// A join reply arrived: the session receives messages after `seq` from now on.
-    fn joined(&mut self, room: &RoomId, session: SessionId, seq: u64) {
-        let Some(lr) = self.rooms.get_mut(room) else {
-            return;
-        };
-        if !lr.joining.remove(&session) && !lr.active.contains_key(&session) {
-            // The session left (or closed) while joining.
-            return;
-        }
-        lr.active.insert(session, seq);
-        match lr.cursor {
-            None => lr.cursor = Some(seq),
-            Some(cursor) if cursor < seq && !lr.resyncing => {
-                // Fan-out reached us for messages up to `seq` only partly: fetch the rest.
-                self.subscribe(room);
-            }
-            _ => {}
-        }
-    }
-
-    fn join_failed(&mut self, room: &RoomId, session: SessionId) {
-        if let Some(lr) = self.rooms.get_mut(room) {
-            lr.joining.remove(&session);
-            if lr.is_empty() {
-                self.rooms.remove(room);
-            }
-        }
-        if let Some(local) = self.sessions.get_mut(&session) {
-            local.rooms.remove(room);
-        }
-    }
-
-    fn fanout(&mut self, room: &RoomId, entries: &[Entry]) {
-        let Some(lr) = self.rooms.get_mut(room) else {
-            return;
-        };
-        let Some(mut cursor) = lr.cursor else {
-            return;
-        };
-        let mut gap = false;
-        let mut fresh: Vec<(u64, Utf8Bytes)> = Vec::new();
-        for entry in entries {
-            if entry.seq <= cursor {
-                continue;
-            }
-            if entry.seq != cursor + 1 {
-                gap = true;
-                break;
-            }
-            // Rendered once, shared by every session of the room on this node.
-            fresh.push((
-                entry.seq,
-                Utf8Bytes::from(message_view(room, entry).to_json()),
-            ));
-            cursor = entry.seq;
-            lr.resyncing = false;
-        }
-        match fresh.as_slice() {
-            [] => {}
-            [(seq, frame)] => {
-                // The common case: one message, one shared frame, no allocation per session.
-                for (session, after) in &lr.active {
-                    if seq > after
-                        && let Some(local) = self.sessions.get(session)
-                    {
-                        local.outbox.push(frame.clone());
-                    }
-                }
-            }
-            _ => {
-                for (session, after) in &lr.active {
-                    let Some(local) = self.sessions.get(session) else {
-                        continue;
-                    };
-                    let frames: Vec<Utf8Bytes> = fresh
-                        .iter()
-                        .filter(|(seq, _)| seq > after)
-                        .map(|(_, frame)| frame.clone())
-                        .collect();
-                    // A catch-up burst takes one slot of the client's queue.
-                    local.outbox.push_batch(frames);
-                }
-            }
-        }
-        lr.cursor = Some(cursor);
-        if gap && !lr.resyncing {
-            tracing::debug!(room = %room, cursor, "gap in a room's messages; subscribing again");
-            self.subscribe(room);
-        }
-    }
-
-    /// Subscribes this node's sessions in `room` at its owner, with the cursor: the owner
-    /// re-sends every message after it.
-    fn subscribe(&mut self, room: &RoomId) {
-        let me = self.me().clone();
-        let Some(lr) = self.rooms.get_mut(room) else {
-            return;
-        };
-        let Some(cursor) = lr.cursor else {
-            return;
-        };
-        let Some(owner) = self.view.owner(room).cloned() else {
-            return;
-        };
-        let sessions: Vec<(SessionId, UserName)> = lr
-            .active
-            .keys()
-            .chain(lr.joining.iter())
-            .filter_map(|s| self.sessions.get(s).map(|l| (*s, l.user.clone())))
-            .collect();
-        lr.owner = Some(owner.clone());
-        lr.resyncing = true;
-        let _ = self.net.to_room(
-            &owner,
-            room.clone(),
-            ToRoom::Subscribe {
-                node: me,
-                cursor,
-                sessions,
-            },
-        );
-    }
-
-    fn presence(&self, room: &RoomId, user: &UserName, event: PresenceEvent) {
-        let Some(lr) = self.rooms.get(room) else {
-            return;
-        };
-        let frame = Utf8Bytes::from(
-            ServerFrame::Presence {
-                room: room.as_str(),
-                user: user.as_str(),
-                event,
-            }
-            .to_json(),
-        );
-        for session in lr.active.keys() {
-            if let Some(local) = self.sessions.get(session) {
-                local.outbox.push(frame.clone());
-            }
-        }
-    }
-
-    fn view_changed(&mut self, view: Arc<View>) {
-        let old = std::mem::replace(&mut self.view, view);
-        // Rooms whose owner changed: subscribe at the new owner.
-        let moved: Vec<RoomId> = self
-            .rooms
-            .iter()
-            .filter(|(room, lr)| lr.cursor.is_some() && lr.owner.as_ref() != self.view.owner(room))
-            .map(|(room, _)| room.clone())
-            .collect();
-        for room in moved {
-            self.subscribe(&room);
-        }
-        // Users whose home changed: announce them at the new home.
-        let rehomed: Vec<UserName> = self
-            .users
-            .keys()
-            .filter(|u| old.home(u) != self.view.home(u))
-            .cloned()
-            .collect();
-        if !rehomed.is_empty() {
-            self.announce(rehomed, Vec::new());
-        }
-        // Requests waiting on a node that is gone will never be answered.
-        let lost: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| !self.view.is_up(&p.target))
-            .map(|(req, _)| *req)
-            .collect();
-        for req in lost {
-            self.fail(
-                req,
-                ErrorCode::Unavailable,
-                "the node serving this request went down; retry",
-            );
-        }
-    }
-
-    fn expire(&mut self) {
-        let timeout = self.request_timeout;
-        let expired: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.received.elapsed() > timeout)
-            .map(|(req, _)| *req)
-            .collect();
-        for req in expired {
-            self.fail(req, ErrorCode::Unavailable, "no answer in time; retry");
-        }
-    }
-
-    fn fail(&mut self, req: u64, code: ErrorCode, message: &str) {
-        self.reply(
-            req,
-            Reply::Failed {
-                code,
-                message: message.to_owned(),
-            },
-        );
-    }
-
-    fn error(
-        &self,
-        session: SessionId,
-        reference: Option<&serde_json::value::RawValue>,
-        code: ErrorCode,
-        message: &str,
-    ) {
-        if let Some(local) = self.sessions.get(&session) {
-            self.net.metrics().error(code);
-            local.outbox.push_text(
-                ServerFrame::Error(ErrorFrame {
-                    reference,
-                    code,
-                    message,
-                })
-                .to_json(),
-            );
-        }
+        outbox.push_text(frame);
     }
 
     fn close_all(&mut self, why: Closing) {
-        for local in self.sessions.values() {
-            local.outbox.close(why);
+        for outbox in self.outboxes.values() {
+            outbox.close(why);
         }
     }
 }

@@ -1,0 +1,761 @@
+//! The pure core of the hub: this node's connections, the rooms they joined, the requests they
+//! wait on, and the follow / gap / resubscribe logic that gives every connection a gap-free
+//! stream of each room's messages, in seq order, across moves of the room.
+//!
+//! No I/O, no clock, no actor: events come in as method calls with the time; what to send to
+//! other nodes and what to tell connections comes out as [`HubEffect`]s, and the hot path, a
+//! room's fan-out, returns a [`Delivery`] naming the fresh entries and who gets which. The Hub
+//! actor (`hub.rs`) renders frames and owns the connections' outboxes; the cluster simulation
+//! drives the same core.
+//!
+//! Following a room: per room, the hub keeps a **cursor**, the last seq delivered here. Fan-out
+//! entries at or below it are duplicates and dropped; an entry past `cursor + 1` is a gap (a
+//! message lost with a broken link, or a room that moved): the hub subscribes again at the
+//! owner with its cursor, and the owner re-sends what is missing. When the view names a new
+//! owner, the hub subscribes there the same way. A connection whose join was answered with a
+//! seq below what the room already delivered here (its owner moved while it joined) is brought
+//! up to the cursor by a second, internal join with `since` before it receives live messages.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chat_protocol::client::Ref;
+use chat_protocol::peer::{
+    Entry, Origin, PeerMessage, Reply, RoomOp, SessionId, ToDirectory, ToHub, ToRoom, ToRooms,
+};
+use chat_protocol::{ErrorCode, NodeName, PresenceEvent, RoomId, UserName};
+
+use crate::cluster::view::View;
+
+/// A request from a connection, already validated by its session.
+#[derive(Debug)]
+pub enum HubRequest {
+    /// A request for a room's owner.
+    Room {
+        /// The room.
+        room: RoomId,
+        /// What is asked.
+        op: RoomOp,
+    },
+    /// A direct message.
+    Direct {
+        /// The sender.
+        from: UserName,
+        /// The addressee.
+        to: UserName,
+        /// The text.
+        text: String,
+    },
+}
+
+/// What the hub core decided; the actor shell carries it out.
+#[derive(Debug)]
+pub enum HubEffect {
+    /// A message for another node (or this one).
+    Peer(NodeName, PeerMessage),
+    /// A connection's request for another node (or this one); when it cannot be handed over,
+    /// tell the core with [`HubCore::request_failed`].
+    Request {
+        /// The request's id.
+        req: u64,
+        /// The node that serves it.
+        target: NodeName,
+        /// The request.
+        message: PeerMessage,
+    },
+    /// The answer to a connection's request (`Failed` for errors).
+    Reply {
+        /// The connection.
+        session: SessionId,
+        /// The request's `ref`.
+        reference: Option<Ref>,
+        /// The answer.
+        reply: Reply,
+    },
+    /// Messages a connection missed while it joined, to deliver before live ones.
+    CatchUp {
+        /// The connection.
+        session: SessionId,
+        /// The room.
+        room: RoomId,
+        /// The messages, in seq order.
+        entries: Vec<Entry>,
+    },
+    /// A presence change for connections in a room.
+    Presence {
+        /// The room.
+        room: RoomId,
+        /// The user.
+        user: UserName,
+        /// Join or leave.
+        event: PresenceEvent,
+        /// The connections to tell.
+        sessions: Vec<SessionId>,
+    },
+    /// A direct message for connections of its addressee.
+    Direct {
+        /// The sender.
+        from: UserName,
+        /// The text.
+        text: String,
+        /// Milliseconds since the Unix epoch.
+        ts: u64,
+        /// The connections to deliver to.
+        sessions: Vec<SessionId>,
+    },
+}
+
+/// A room's fresh messages and who receives which: every session gets the entries with a seq
+/// above its own starting point.
+#[derive(Debug)]
+pub struct Delivery<'a> {
+    /// The room.
+    pub room: &'a RoomId,
+    /// The fresh entries, contiguous and ascending.
+    pub entries: Vec<Entry>,
+    sessions: &'a HashMap<SessionId, u64>,
+}
+
+impl Delivery<'_> {
+    /// Each receiving session, with the seq after which it receives messages.
+    pub fn recipients(&self) -> impl Iterator<Item = (SessionId, u64)> + '_ {
+        self.sessions.iter().map(|(s, after)| (*s, *after))
+    }
+}
+
+struct LocalSession {
+    user: UserName,
+    rooms: HashSet<RoomId>,
+}
+
+/// A room as seen by this node's sessions.
+#[derive(Default)]
+struct LocalRoom {
+    /// The node the sessions' joins and subscriptions went to.
+    owner: Option<NodeName>,
+    /// The last seq delivered (None before the first join reply).
+    cursor: Option<u64>,
+    /// A subscription with the cursor is on its way: drop everything but `cursor + 1`.
+    resyncing: bool,
+    /// Joined sessions and the seq after which each receives messages.
+    active: HashMap<SessionId, u64>,
+    /// Sessions whose join (or catch-up) is on its way.
+    joining: HashSet<SessionId>,
+}
+
+impl LocalRoom {
+    fn is_empty(&self) -> bool {
+        self.active.is_empty() && self.joining.is_empty()
+    }
+}
+
+enum Kind {
+    /// A client's join.
+    Join(RoomId),
+    /// The internal join that brings a session up to the room's cursor.
+    CatchUp(RoomId),
+    Other,
+}
+
+struct Pending {
+    session: SessionId,
+    reference: Option<Ref>,
+    kind: Kind,
+    target: NodeName,
+    received: Instant,
+}
+
+/// The hub's state, without I/O.
+pub struct HubCore {
+    me: NodeName,
+    request_timeout: Duration,
+    view: Arc<View>,
+    next_req: u64,
+    sessions: HashMap<SessionId, LocalSession>,
+    users: HashMap<UserName, HashSet<SessionId>>,
+    rooms: HashMap<RoomId, LocalRoom>,
+    pending: HashMap<u64, Pending>,
+    effects: Vec<HubEffect>,
+}
+
+impl HubCore {
+    /// A hub for node `me`, starting empty: it tells rooms and directories that whatever they
+    /// hold about this node's connections (from before a restart) is stale.
+    pub fn new(me: NodeName, view: Arc<View>, request_timeout: Duration) -> HubCore {
+        let mut core = HubCore {
+            me,
+            request_timeout,
+            view,
+            next_req: 1,
+            sessions: HashMap::new(),
+            users: HashMap::new(),
+            rooms: HashMap::new(),
+            pending: HashMap::new(),
+            effects: Vec::new(),
+        };
+        for node in core.view.up().cloned().collect::<Vec<_>>() {
+            let me = core.me.clone();
+            core.effects.push(HubEffect::Peer(
+                node.clone(),
+                PeerMessage::Rooms(ToRooms::SessionsReset { node: me.clone() }),
+            ));
+            core.effects.push(HubEffect::Peer(
+                node,
+                PeerMessage::Directory(ToDirectory::SessionsReset { node: me }),
+            ));
+        }
+        core
+    }
+
+    /// The effects decided since the last call, in order.
+    pub fn take_effects(&mut self) -> Vec<HubEffect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// The sessions connected here.
+    pub fn sessions(&self) -> impl Iterator<Item = SessionId> + '_ {
+        self.sessions.keys().copied()
+    }
+
+    /// A connection opened.
+    pub fn register(&mut self, session: SessionId, user: UserName) {
+        let sessions = self.users.entry(user.clone()).or_default();
+        let first = sessions.is_empty();
+        sessions.insert(session);
+        self.sessions.insert(
+            session,
+            LocalSession {
+                user: user.clone(),
+                rooms: HashSet::new(),
+            },
+        );
+        if first {
+            self.announce(vec![user], Vec::new());
+        }
+    }
+
+    /// A connection closed.
+    pub fn unregister(&mut self, session: SessionId) {
+        let Some(local) = self.sessions.remove(&session) else {
+            return;
+        };
+        for room in &local.rooms {
+            let Some(lr) = self.rooms.get_mut(room) else {
+                continue;
+            };
+            lr.active.remove(&session);
+            lr.joining.remove(&session);
+            let owner = lr.owner.clone();
+            if lr.is_empty() {
+                self.rooms.remove(room);
+            }
+            // Nobody waits for this reply (req 0).
+            let leave = ToRoom::Request {
+                origin: Origin {
+                    node: self.me.clone(),
+                    req: 0,
+                },
+                op: RoomOp::Leave {
+                    session,
+                    user: local.user.clone(),
+                },
+                hops: 0,
+            };
+            if let Some(owner) = owner.or_else(|| self.view.owner(room).cloned()) {
+                self.send_room(owner, room.clone(), leave);
+            }
+        }
+        self.pending.retain(|_, p| p.session != session);
+        if let Some(sessions) = self.users.get_mut(&local.user) {
+            sessions.remove(&session);
+            if sessions.is_empty() {
+                self.users.remove(&local.user);
+                self.announce(Vec::new(), vec![local.user]);
+            }
+        }
+    }
+
+    /// A connection's request, received at `received`.
+    pub fn request(
+        &mut self,
+        session: SessionId,
+        reference: Option<Ref>,
+        request: HubRequest,
+        received: Instant,
+    ) {
+        let Some(local) = self.sessions.get(&session) else {
+            return;
+        };
+        if let HubRequest::Room {
+            room,
+            op: RoomOp::Publish { .. },
+        } = &request
+            && !local.rooms.contains(room)
+        {
+            self.error(
+                session,
+                reference,
+                ErrorCode::NotJoined,
+                "join the room before sending to it",
+            );
+            return;
+        }
+        let origin = Origin {
+            node: self.me.clone(),
+            req: self.next_req,
+        };
+        let (target, message, kind) = match request {
+            HubRequest::Room { room, op } => {
+                let Some(owner) = self.view.owner(&room).cloned() else {
+                    self.error(
+                        session,
+                        reference,
+                        ErrorCode::Unavailable,
+                        "no node can serve the room right now",
+                    );
+                    return;
+                };
+                let kind = match &op {
+                    RoomOp::Join { .. } => {
+                        let lr = self.rooms.entry(room.clone()).or_default();
+                        lr.joining.insert(session);
+                        lr.owner.get_or_insert_with(|| owner.clone());
+                        if let Some(local) = self.sessions.get_mut(&session) {
+                            local.rooms.insert(room.clone());
+                        }
+                        Kind::Join(room.clone())
+                    }
+                    RoomOp::Leave { .. } => {
+                        if let Some(lr) = self.rooms.get_mut(&room) {
+                            lr.active.remove(&session);
+                            lr.joining.remove(&session);
+                            if lr.is_empty() {
+                                self.rooms.remove(&room);
+                            }
+                        }
+                        if let Some(local) = self.sessions.get_mut(&session) {
+                            local.rooms.remove(&room);
+                        }
+                        Kind::Other
+                    }
+                    _ => Kind::Other,
+                };
+                let message = PeerMessage::Rooms(ToRooms::Room {
+                    room,
+                    message: ToRoom::Request {
+                        origin,
+                        op,
+                        hops: 0,
+                    },
+                });
+                (owner, message, kind)
+            }
+            HubRequest::Direct { from, to, text } => {
+                let Some(home) = self.view.home(&to).cloned() else {
+                    self.error(
+                        session,
+                        reference,
+                        ErrorCode::Unavailable,
+                        "no node can route the message right now",
+                    );
+                    return;
+                };
+                let message = PeerMessage::Directory(ToDirectory::Direct {
+                    origin,
+                    from,
+                    to,
+                    text,
+                });
+                (home, message, Kind::Other)
+            }
+        };
+        self.send_pending(session, reference, kind, target, message, received);
+    }
+
+    fn send_pending(
+        &mut self,
+        session: SessionId,
+        reference: Option<Ref>,
+        kind: Kind,
+        target: NodeName,
+        message: PeerMessage,
+        received: Instant,
+    ) {
+        let req = self.next_req;
+        self.next_req += 1;
+        self.pending.insert(
+            req,
+            Pending {
+                session,
+                reference,
+                kind,
+                target: target.clone(),
+                received,
+            },
+        );
+        self.effects.push(HubEffect::Request {
+            req,
+            target,
+            message,
+        });
+    }
+
+    /// A request could not be handed to its node (unreachable, congested): it fails at once.
+    pub fn request_failed(&mut self, req: u64) {
+        self.fail(req, "the node serving this request is unreachable; retry");
+    }
+
+    /// A message for the hub from a node. A fan-out returns what to deliver to whom.
+    pub fn on_peer(&mut self, message: ToHub, now: Instant) -> Option<Delivery<'_>> {
+        match message {
+            ToHub::Reply { req, reply } => self.reply(req, reply, now),
+            ToHub::Fanout { room, entries } => return self.on_fanout(&room, entries),
+            ToHub::Presence { room, user, event } => {
+                let lr = self.rooms.get(&room)?;
+                let sessions = lr.active.keys().copied().collect();
+                self.effects.push(HubEffect::Presence {
+                    room,
+                    user,
+                    event,
+                    sessions,
+                });
+            }
+            ToHub::DeliverDirect { to, from, text, ts } => {
+                let sessions: Vec<SessionId> =
+                    self.users.get(&to).into_iter().flatten().copied().collect();
+                if !sessions.is_empty() {
+                    self.effects.push(HubEffect::Direct {
+                        from,
+                        text,
+                        ts,
+                        sessions,
+                    });
+                }
+            }
+            ToHub::Reannounce { node } => {
+                let users: Vec<UserName> = self
+                    .users
+                    .keys()
+                    .filter(|u| self.view.home(u) == Some(&node))
+                    .cloned()
+                    .collect();
+                self.announce(users, Vec::new());
+            }
+            ToHub::RoomActive { room, owner } => {
+                if let Some(lr) = self.rooms.get_mut(&room) {
+                    lr.owner = Some(owner);
+                }
+                self.subscribe(&room);
+            }
+        }
+        None
+    }
+
+    fn reply(&mut self, req: u64, reply: Reply, now: Instant) {
+        let Some(pending) = self.pending.remove(&req) else {
+            tracing::debug!(
+                req,
+                "reply to a request that timed out or whose connection closed"
+            );
+            return;
+        };
+        if !self.sessions.contains_key(&pending.session) {
+            return;
+        }
+        match (&pending.kind, reply) {
+            (Kind::Join(room), Reply::Joined { seq, replay, .. }) => {
+                let room = room.clone();
+                let reply = Reply::Joined {
+                    room: room.clone(),
+                    seq,
+                    replay,
+                };
+                self.effects.push(HubEffect::Reply {
+                    session: pending.session,
+                    reference: pending.reference,
+                    reply,
+                });
+                self.joined(&room, pending.session, seq, now);
+            }
+            (Kind::CatchUp(room), Reply::Joined { seq, replay, .. }) => {
+                let room = room.clone();
+                if !replay.is_empty() {
+                    self.effects.push(HubEffect::CatchUp {
+                        session: pending.session,
+                        room: room.clone(),
+                        entries: replay,
+                    });
+                }
+                self.joined(&room, pending.session, seq, now);
+            }
+            (Kind::Join(room) | Kind::CatchUp(room), failed @ Reply::Failed { .. }) => {
+                let room = room.clone();
+                self.join_failed(&room, pending.session);
+                self.effects.push(HubEffect::Reply {
+                    session: pending.session,
+                    reference: pending.reference,
+                    reply: failed,
+                });
+            }
+            (_, reply) => self.effects.push(HubEffect::Reply {
+                session: pending.session,
+                reference: pending.reference,
+                reply,
+            }),
+        }
+    }
+
+    /// A join reply arrived: the session receives messages after `seq` from now on, once it
+    /// has everything up to the room's cursor.
+    fn joined(&mut self, room: &RoomId, session: SessionId, seq: u64, now: Instant) {
+        let Some(lr) = self.rooms.get_mut(room) else {
+            return;
+        };
+        if !lr.joining.contains(&session) && !lr.active.contains_key(&session) {
+            // The session left (or closed) while joining.
+            return;
+        }
+        match lr.cursor {
+            None => lr.cursor = Some(seq),
+            Some(cursor) if cursor > seq => {
+                // The room delivered past this join's seq here already (its owner changed while
+                // the join travelled): fetch what the session missed before it goes live.
+                let user = self.sessions.get(&session).map(|s| s.user.clone());
+                let owner = self.view.owner(room).cloned();
+                if let (Some(user), Some(owner)) = (user, owner) {
+                    lr.joining.insert(session);
+                    lr.active.remove(&session);
+                    let message = PeerMessage::Rooms(ToRooms::Room {
+                        room: room.clone(),
+                        message: ToRoom::Request {
+                            origin: Origin {
+                                node: self.me.clone(),
+                                req: self.next_req,
+                            },
+                            op: RoomOp::Join {
+                                session,
+                                user,
+                                since: Some(seq),
+                            },
+                            hops: 0,
+                        },
+                    });
+                    let kind = Kind::CatchUp(room.clone());
+                    self.send_pending(session, None, kind, owner, message, now);
+                    return;
+                }
+            }
+            Some(cursor) if cursor < seq && !lr.resyncing => {
+                // Fan-out reached us for messages up to `seq` only partly: fetch the rest.
+                lr.joining.remove(&session);
+                lr.active.insert(session, seq);
+                self.subscribe(room);
+                return;
+            }
+            _ => {}
+        }
+        lr.joining.remove(&session);
+        lr.active.insert(session, seq);
+    }
+
+    fn join_failed(&mut self, room: &RoomId, session: SessionId) {
+        if let Some(lr) = self.rooms.get_mut(room) {
+            lr.joining.remove(&session);
+            if lr.is_empty() {
+                self.rooms.remove(room);
+            }
+        }
+        if let Some(local) = self.sessions.get_mut(&session) {
+            local.rooms.remove(room);
+        }
+    }
+
+    /// A room's fan-out: the fresh entries (past the cursor, contiguous) and who gets which. A
+    /// gap makes the hub subscribe again at the owner with its cursor.
+    fn on_fanout(&mut self, room: &RoomId, entries: Vec<Entry>) -> Option<Delivery<'_>> {
+        let lr = self.rooms.get_mut(room)?;
+        let mut cursor = lr.cursor?;
+        let mut gap = false;
+        let mut fresh = Vec::new();
+        for entry in entries {
+            if entry.seq <= cursor {
+                continue;
+            }
+            if entry.seq != cursor + 1 {
+                gap = true;
+                break;
+            }
+            cursor = entry.seq;
+            lr.resyncing = false;
+            fresh.push(entry);
+        }
+        lr.cursor = Some(cursor);
+        if gap && !lr.resyncing {
+            tracing::debug!(room = %room, cursor, "gap in a room's messages; subscribing again");
+            self.subscribe(room);
+        }
+        if fresh.is_empty() {
+            return None;
+        }
+        let lr = self.rooms.get(room)?;
+        Some(Delivery {
+            room: self.rooms.get_key_value(room).map(|(k, _)| k)?,
+            entries: fresh,
+            sessions: &lr.active,
+        })
+    }
+
+    /// Subscribes this node's sessions in `room` at its owner, with the cursor: the owner
+    /// re-sends every message after it.
+    fn subscribe(&mut self, room: &RoomId) {
+        let Some(lr) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let Some(cursor) = lr.cursor else {
+            return;
+        };
+        let Some(owner) = self.view.owner(room).cloned() else {
+            return;
+        };
+        let sessions: Vec<(SessionId, UserName)> = lr
+            .active
+            .keys()
+            .chain(lr.joining.iter())
+            .filter_map(|s| self.sessions.get(s).map(|l| (*s, l.user.clone())))
+            .collect();
+        lr.owner = Some(owner.clone());
+        lr.resyncing = true;
+        let message = ToRoom::Subscribe {
+            node: self.me.clone(),
+            cursor,
+            sessions,
+        };
+        self.send_room(owner, room.clone(), message);
+    }
+
+    /// The view changed.
+    pub fn on_view(&mut self, view: Arc<View>) {
+        let old = std::mem::replace(&mut self.view, view);
+        // Rooms whose owner changed: subscribe at the new owner.
+        let moved: Vec<RoomId> = self
+            .rooms
+            .iter()
+            .filter(|(room, lr)| lr.cursor.is_some() && lr.owner.as_ref() != self.view.owner(room))
+            .map(|(room, _)| room.clone())
+            .collect();
+        for room in moved {
+            self.subscribe(&room);
+        }
+        // Users whose home changed: announce them at the new home.
+        let rehomed: Vec<UserName> = self
+            .users
+            .keys()
+            .filter(|u| old.home(u) != self.view.home(u))
+            .cloned()
+            .collect();
+        if !rehomed.is_empty() {
+            self.announce(rehomed, Vec::new());
+        }
+        // Requests waiting on a node that is gone will never be answered.
+        let lost: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| !self.view.is_up(&p.target))
+            .map(|(req, _)| *req)
+            .collect();
+        for req in lost {
+            self.fail(req, "the node serving this request went down; retry");
+        }
+    }
+
+    /// Expires requests that waited longer than the request timeout.
+    pub fn on_tick(&mut self, now: Instant) {
+        let timeout = self.request_timeout;
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.received) > timeout)
+            .map(|(req, _)| *req)
+            .collect();
+        for req in expired {
+            self.fail(req, "no answer in time; retry");
+        }
+    }
+
+    fn fail(&mut self, req: u64, message: &str) {
+        let Some(pending) = self.pending.get(&req) else {
+            return;
+        };
+        let received = pending.received;
+        self.reply(
+            req,
+            Reply::Failed {
+                code: ErrorCode::Unavailable,
+                message: message.to_owned(),
+            },
+            received,
+        );
+    }
+
+    fn error(
+        &mut self,
+        session: SessionId,
+        reference: Option<Ref>,
+        code: ErrorCode,
+        message: &str,
+    ) {
+        self.effects.push(HubEffect::Reply {
+            session,
+            reference,
+            reply: Reply::Failed {
+                code,
+                message: message.to_owned(),
+            },
+        });
+    }
+
+    fn send_room(&mut self, node: NodeName, room: RoomId, message: ToRoom) {
+        self.effects.push(HubEffect::Peer(
+            node,
+            PeerMessage::Rooms(ToRooms::Room { room, message }),
+        ));
+    }
+
+    /// Tells the users' home nodes that they are (no longer) connected here.
+    fn announce(&mut self, online: Vec<UserName>, offline: Vec<UserName>) {
+        let mut by_home: HashMap<NodeName, (Vec<UserName>, Vec<UserName>)> = HashMap::new();
+        for user in online {
+            if let Some(home) = self.view.home(&user) {
+                by_home.entry(home.clone()).or_default().0.push(user);
+            }
+        }
+        for user in offline {
+            if let Some(home) = self.view.home(&user) {
+                by_home.entry(home.clone()).or_default().1.push(user);
+            }
+        }
+        for (home, (online, offline)) in by_home {
+            for chunk in online.chunks(10_000) {
+                let message = ToDirectory::Presences {
+                    node: self.me.clone(),
+                    online: chunk.to_vec(),
+                    offline: Vec::new(),
+                };
+                self.effects.push(HubEffect::Peer(
+                    home.clone(),
+                    PeerMessage::Directory(message),
+                ));
+            }
+            if !offline.is_empty() {
+                let message = ToDirectory::Presences {
+                    node: self.me.clone(),
+                    online: Vec::new(),
+                    offline,
+                };
+                self.effects
+                    .push(HubEffect::Peer(home, PeerMessage::Directory(message)));
+            }
+        }
+    }
+}
