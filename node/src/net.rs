@@ -79,7 +79,8 @@ struct Inner {
     me: NodeName,
     metrics: Metrics,
     inboxes: RwLock<Inboxes>,
-    links: RwLock<HashMap<NodeName, Link>>,
+    /// Ready sessions, each with the number it was given when it became ready.
+    links: RwLock<HashMap<NodeName, (Link, u64)>>,
     links_changed: watch::Sender<u64>,
 }
 
@@ -196,7 +197,7 @@ impl Net {
     }
 
     fn send_remote(&self, node: &NodeName, message: PeerMessage) -> Result<(), SendError> {
-        let link = read(&self.inner.links)
+        let (link, _) = read(&self.inner.links)
             .get(node)
             .cloned()
             .ok_or(SendError::Unreachable)?;
@@ -233,10 +234,14 @@ impl Net {
 
     // ---- links ----
 
-    /// Records a ready session to `node`.
+    /// Records a ready session to `node` (it replaces any previous one).
     pub fn add_link(&self, node: NodeName, link: Link) {
-        write(&self.inner.links).insert(node, link);
-        self.inner.links_changed.send_modify(|v| *v += 1);
+        let mut number = 0;
+        self.inner.links_changed.send_modify(|v| {
+            *v += 1;
+            number = *v;
+        });
+        write(&self.inner.links).insert(node, (link, number));
     }
 
     /// Forgets the session to `node` (it went down or its session closed).
@@ -251,6 +256,11 @@ impl Net {
         read(&self.inner.links).contains_key(node)
     }
 
+    /// The number of the ready session to `node`, if any: a new number is a new session.
+    pub fn link_session(&self, node: &NodeName) -> Option<u64> {
+        read(&self.inner.links).get(node).map(|(_, number)| *number)
+    }
+
     /// Changes whenever a session becomes ready or closes.
     pub fn links_changed(&self) -> watch::Receiver<u64> {
         self.inner.links_changed.subscribe()
@@ -258,7 +268,7 @@ impl Net {
 
     /// Records that `node` processed `bytes` more of what this node sent it.
     pub fn credit(&self, node: &NodeName, bytes: u64) {
-        if let Some(link) = read(&self.inner.links).get(node) {
+        if let Some((link, _)) = read(&self.inner.links).get(node) {
             link.credit(bytes);
         }
     }

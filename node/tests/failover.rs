@@ -923,8 +923,10 @@ fn predicted_placement(members: &[&str], room: &str) -> (String, Vec<String>) {
         .map(|m| NodeName::new(m).expect("node name"))
         .collect();
     let ring = Ring::new(&members);
+    // Replication factor 2, but never fewer than a majority of the members.
+    let size = 2.max(members.len() / 2 + 1);
     let mut nodes = ring
-        .preference(&format!("room:{room}"), 2)
+        .preference(&format!("room:{room}"), size)
         .into_iter()
         .map(|n| n.as_str().to_owned());
     let owner = nodes.next().expect("an owner");

@@ -534,6 +534,9 @@ pub struct Heartbeat {
     pub kind: HeartbeatKind,
     /// Members the sender knows of, for discovery (gossip).
     pub members: Vec<MemberInfo>,
+    /// Members the sender saw leave gracefully, as they were when they left (gossip: a node
+    /// that was away when a member left learns it from the others).
+    pub departed: Vec<MemberInfo>,
 }
 
 /// The purpose of a heartbeat datagram.

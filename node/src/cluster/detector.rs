@@ -153,6 +153,12 @@ impl Detector {
                 .filter(|p| !p.left)
                 .map(|p| p.info.clone())
                 .collect(),
+            departed: self
+                .peers
+                .values()
+                .filter(|p| p.left)
+                .map(|p| p.info.clone())
+                .collect(),
         }
     }
 
@@ -205,6 +211,9 @@ impl Detector {
             return observed;
         }
         self.heard_other = true;
+        for member in heartbeat.departed {
+            observed.changed |= self.departed(member);
+        }
         for member in heartbeat.members {
             if member.name != self.me.name && !self.peers.contains_key(&member.name) {
                 self.known.insert(member.name.clone());
@@ -226,6 +235,10 @@ impl Detector {
             }
             *peer = Peer::new(from.clone());
             observed.changed = true;
+        } else if peer.left {
+            // A datagram it sent before it left, delayed past its leave: it must not bring it
+            // back (a member that comes back does so with a new incarnation).
+            return observed;
         } else if peer.info != from {
             peer.info = from.clone();
             observed.changed = true;
@@ -236,16 +249,11 @@ impl Detector {
         }
         match heartbeat.kind {
             HeartbeatKind::Ping { nonce } => {
-                if peer.left {
-                    // It came back with the same incarnation (cannot happen: restarts bump it).
-                    peer.left = false;
-                    self.known.insert(from.name.clone());
-                    observed.changed = true;
-                }
                 observed.reply = Some(Heartbeat {
                     from: self.me.clone(),
                     kind: HeartbeatKind::Ack { nonce },
                     members: Vec::new(),
+                    departed: Vec::new(),
                 });
             }
             HeartbeatKind::Ack { nonce } => {
@@ -282,6 +290,33 @@ impl Detector {
             observed.changed = true;
         }
         observed
+    }
+
+    /// Another member saw `member` leave gracefully: unless it came back since (a newer
+    /// incarnation), it no longer counts; true if anything changed.
+    fn departed(&mut self, member: MemberInfo) -> bool {
+        if member.name == self.me.name {
+            return false;
+        }
+        match self.peers.get_mut(&member.name) {
+            Some(peer) if peer.left || peer.info.incarnation > member.incarnation => false,
+            Some(peer) => {
+                peer.left = true;
+                peer.alive = false;
+                peer.lease_until = None;
+                peer.outstanding.clear();
+                self.known.remove(&member.name);
+                true
+            }
+            None => {
+                // Known from a previous life only (or not at all): it left meanwhile.
+                self.known.remove(&member.name);
+                let mut peer = Peer::new(member.clone());
+                peer.left = true;
+                self.peers.insert(member.name, peer);
+                true
+            }
+        }
     }
 
     /// Declares members down whose acks stopped; true if anything changed.
@@ -389,6 +424,7 @@ mod tests {
             from: info(name, incarnation),
             kind: HeartbeatKind::Ping { nonce: 1 },
             members: Vec::new(),
+            departed: Vec::new(),
         }
     }
 
@@ -404,6 +440,7 @@ mod tests {
                     from: info(name, *inc),
                     kind: HeartbeatKind::Ack { nonce },
                     members: Vec::new(),
+                    departed: Vec::new(),
                 };
                 d.observe(ack, now + rtt);
             }
@@ -487,6 +524,7 @@ mod tests {
                     from: info(name, 1),
                     kind: HeartbeatKind::Ack { nonce },
                     members: Vec::new(),
+                    departed: Vec::new(),
                 },
                 late,
             );
@@ -517,6 +555,7 @@ mod tests {
             from: info("c", 1),
             kind: HeartbeatKind::Leave,
             members: Vec::new(),
+            departed: Vec::new(),
         };
         assert!(d.observe(leave, now).changed);
         assert_eq!(d.known().len(), 2);
@@ -525,11 +564,43 @@ mod tests {
             from: info("b", 1),
             kind: HeartbeatKind::Ping { nonce: 9 },
             members: vec![info("c", 1)],
+            departed: Vec::new(),
         };
         d.observe(gossip, now);
         assert_eq!(d.known().len(), 2);
+        // A ping `c` sent before it left, delayed past its leave, does not bring it back.
+        let late = d.observe(ping_from("c", 1), now);
+        assert_eq!(late, Observed::default());
+        assert_eq!(d.known().len(), 2);
         // A restarted `c` (new incarnation) is a member again.
         d.observe(ping_from("c", 2), now);
+        assert_eq!(d.known().len(), 3);
+    }
+
+    #[test]
+    fn a_node_that_missed_a_leave_learns_it_from_the_others() {
+        let now = Instant::now();
+        // `a` restarted and knows b, c only by name from its store; c left meanwhile.
+        let mut d = Detector::new(
+            info("a", 2),
+            config(),
+            [NodeName::new("b").unwrap(), NodeName::new("c").unwrap()],
+            true,
+        );
+        assert_eq!(d.known().len(), 3);
+        let mut from_b = ping_from("b", 1);
+        from_b.departed = vec![info("c", 4)];
+        assert!(d.observe(from_b.clone(), now).changed);
+        assert_eq!(d.known().len(), 2, "c no longer counts for the majority");
+        assert!(!d.members().any(|(m, _)| m.name.as_str() == "c"));
+        // The same gossip again changes nothing; a c that came back later is a member again.
+        assert!(!d.observe(from_b, now).changed || d.known().len() == 2);
+        d.observe(ping_from("c", 5), now);
+        assert_eq!(d.known().len(), 3);
+        // An older departure of a member seen since in a newer life is ignored.
+        let mut stale = ping_from("b", 1);
+        stale.departed = vec![info("c", 4)];
+        d.observe(stale, now);
         assert_eq!(d.known().len(), 3);
     }
 

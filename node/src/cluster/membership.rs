@@ -365,37 +365,12 @@ impl MembershipState {
 
     fn build_view(&self) -> (Vec<Member>, bool) {
         let net = &self.args.net;
-        let mut members = vec![Member {
-            name: self.args.me.name.clone(),
-            addr: self.args.me.addr.clone(),
-            status: Status::Up,
-            public_url: self.args.me.public_url.clone(),
-        }];
-        for (info, alive) in self.detector.members() {
-            let up = alive && net.has_link(&info.name);
-            members.push(Member {
-                name: info.name.clone(),
-                addr: info.addr.clone(),
-                status: if up { Status::Up } else { Status::Down },
-                public_url: info.public_url.clone(),
-            });
-        }
-        // Known members never seen in this life (after a restart) are down until they answer.
-        for name in self.detector.known() {
-            if !members.iter().any(|m| &m.name == name) {
-                members.push(Member {
-                    name: name.clone(),
-                    addr: String::new(),
-                    status: Status::Down,
-                    public_url: None,
-                });
-            }
-        }
-        members.sort_by(|a, b| a.name.cmp(&b.name));
-        let quorum = self
-            .detector
-            .quorum(Instant::now(), |name| net.has_link(name));
-        (members, quorum)
+        view_of(
+            &self.detector,
+            &self.args.me,
+            |name| net.link_session(name),
+            Instant::now(),
+        )
     }
 
     fn publish_if_changed(&mut self) {
@@ -460,4 +435,51 @@ impl MembershipState {
         }
         self.persisted = current;
     }
+}
+
+/// The members of the view and its quorum flag at `now`, from the detector and the state of the
+/// node-to-node sessions: a member is up when its heartbeats are answered and `session` names
+/// its ready session; known members not heard from in this life are down.
+pub fn view_of(
+    detector: &Detector,
+    me: &MemberInfo,
+    session: impl Fn(&NodeName) -> Option<u64>,
+    now: Instant,
+) -> (Vec<Member>, bool) {
+    let mut members = vec![Member {
+        name: me.name.clone(),
+        addr: me.addr.clone(),
+        status: Status::Up,
+        public_url: me.public_url.clone(),
+        session: 0,
+    }];
+    for (info, alive) in detector.members() {
+        let session = session(&info.name).filter(|_| alive);
+        members.push(Member {
+            name: info.name.clone(),
+            addr: info.addr.clone(),
+            status: if session.is_some() {
+                Status::Up
+            } else {
+                Status::Down
+            },
+            public_url: info.public_url.clone(),
+            session: session.unwrap_or(0),
+        });
+    }
+    // Known members never seen in this life (after a restart) are down until they answer.
+    for name in detector.known() {
+        if !members.iter().any(|m| &m.name == name) {
+            members.push(Member {
+                name: name.clone(),
+                addr: String::new(),
+                status: Status::Down,
+                public_url: None,
+                session: 0,
+            });
+        }
+    }
+    members.sort_by(|a, b| a.name.cmp(&b.name));
+    let quorum = detector.quorum(now, |name| session(name).is_some());
+    (members, quorum)
 }

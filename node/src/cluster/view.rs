@@ -30,6 +30,11 @@ pub struct Member {
     /// The URL browsers use to reach it, when configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_url: Option<String>,
+    /// The node-to-node session to it (0 when down, and for this node). A new number means a
+    /// new session: what was in flight on the previous one may be lost, so whoever waits on
+    /// that member (a subscription, an invitation, a reply) starts again.
+    #[serde(skip)]
+    pub session: u64,
 }
 
 /// A snapshot of the membership, with the placement ring over the members that are up.
@@ -75,6 +80,7 @@ impl View {
             addr,
             status: Status::Up,
             public_url,
+            session: 0,
         };
         View::new(me, vec![member], true, 1)
     }
@@ -87,6 +93,19 @@ impl View {
     /// How many members are up.
     pub fn up_count(&self) -> usize {
         self.ring.members().len()
+    }
+
+    /// The session to `node` in this view (0 when down, and for this node).
+    pub fn session(&self, node: &NodeName) -> u64 {
+        self.members
+            .binary_search_by(|m| m.name.cmp(node))
+            .map_or(0, |i| self.members[i].session)
+    }
+
+    /// Whether `node` is up in `self` and was not up, or was up over another session, in
+    /// `previous`: it may have missed what was sent to it.
+    pub fn returned(&self, previous: &View, node: &NodeName) -> bool {
+        self.is_up(node) && (!previous.is_up(node) || previous.session(node) != self.session(node))
     }
 
     /// Whether `node` is up in this view.
@@ -103,6 +122,15 @@ impl View {
     pub fn placement(&self, room: &RoomId, replication_factor: usize) -> Vec<NodeName> {
         self.ring
             .preference(&room_key(room), replication_factor.max(1))
+    }
+
+    /// Where `room`'s log lives: its owner, then its replicas. The placement holds
+    /// `replication_factor` nodes, but never fewer than a majority of the known members (so
+    /// that any majority that claims the room hears from a node that stored every acknowledged
+    /// message; see `rooms::log`), and never more than the members that are up.
+    pub fn room_placement(&self, room: &RoomId, replication_factor: usize) -> Vec<NodeName> {
+        let majority = self.members.len() / 2 + 1;
+        self.placement(room, replication_factor.max(majority))
     }
 
     /// The node that keeps track of where `user` is connected.
@@ -131,6 +159,7 @@ mod tests {
             addr: format!("{name}:7000"),
             status,
             public_url: None,
+            session: 1,
         }
     }
 
@@ -157,6 +186,33 @@ mod tests {
             assert!(placement.iter().all(|n| n.as_str() != "n3"));
         }
         assert_eq!(view.members[0].name.as_str(), "n1", "sorted by name");
+    }
+
+    #[test]
+    fn room_placements_hold_at_least_a_majority_of_the_known_members() {
+        let me = NodeName::new("n1").unwrap();
+        let names = ["n1", "n2", "n3", "n4", "n5"];
+        let sized = |known: usize, up: usize, rf: usize| {
+            let members = names[..known]
+                .iter()
+                .enumerate()
+                .map(|(i, n)| member(n, if i < up { Status::Up } else { Status::Down }))
+                .collect();
+            let view = View::new(me.clone(), members, true, 1);
+            view.room_placement(&RoomId::new("lobby").unwrap(), rf)
+                .len()
+        };
+        assert_eq!(sized(3, 3, 2), 2);
+        assert_eq!(sized(4, 4, 2), 3);
+        assert_eq!(sized(5, 5, 2), 3);
+        assert_eq!(sized(5, 5, 4), 4);
+        assert_eq!(
+            sized(5, 3, 2),
+            3,
+            "a down member still counts towards the majority"
+        );
+        assert_eq!(sized(5, 2, 2), 2, "never more than the members up");
+        assert_eq!(sized(1, 1, 2), 1);
     }
 
     #[test]

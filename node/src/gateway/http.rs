@@ -240,7 +240,7 @@ fn room_placement(room: &str, gateway: &Gateway) -> Response<Full<Bytes>> {
         );
     };
     let view = gateway.node.views.borrow().clone();
-    let placement = view.placement(&room, gateway.config.replication_factor);
+    let placement = view.room_placement(&room, gateway.config.replication_factor);
     json(
         StatusCode::OK,
         &serde_json::json!({

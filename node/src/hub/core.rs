@@ -16,7 +16,7 @@
 //! seq below what the room already delivered here (its owner moved while it joined) is brought
 //! up to the cursor by a second, internal join with `since` before it receives live messages.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -240,7 +240,9 @@ impl HubCore {
         let Some(local) = self.sessions.remove(&session) else {
             return;
         };
-        for room in &local.rooms {
+        let mut rooms: Vec<&RoomId> = local.rooms.iter().collect();
+        rooms.sort();
+        for room in rooms {
             let Some(lr) = self.rooms.get_mut(room) else {
                 continue;
             };
@@ -413,7 +415,8 @@ impl HubCore {
             ToHub::Fanout { room, entries } => return self.on_fanout(&room, entries),
             ToHub::Presence { room, user, event } => {
                 let lr = self.rooms.get(&room)?;
-                let sessions = lr.active.keys().copied().collect();
+                let mut sessions: Vec<SessionId> = lr.active.keys().copied().collect();
+                sessions.sort_unstable();
                 self.effects.push(HubEffect::Presence {
                     room,
                     user,
@@ -422,8 +425,9 @@ impl HubCore {
                 });
             }
             ToHub::DeliverDirect { to, from, text, ts } => {
-                let sessions: Vec<SessionId> =
+                let mut sessions: Vec<SessionId> =
                     self.users.get(&to).into_iter().flatten().copied().collect();
+                sessions.sort_unstable();
                 if !sessions.is_empty() {
                     self.effects.push(HubEffect::Direct {
                         from,
@@ -434,12 +438,13 @@ impl HubCore {
                 }
             }
             ToHub::Reannounce { node } => {
-                let users: Vec<UserName> = self
+                let mut users: Vec<UserName> = self
                     .users
                     .keys()
                     .filter(|u| self.view.home(u) == Some(&node))
                     .cloned()
                     .collect();
+                users.sort();
                 self.announce(users, Vec::new());
             }
             ToHub::RoomActive { room, owner } => {
@@ -476,7 +481,7 @@ impl HubCore {
                     reference: pending.reference,
                     reply,
                 });
-                self.joined(&room, pending.session, seq, now);
+                self.joined(&room, pending.session, seq, &pending.target, now);
             }
             (Kind::CatchUp(room), Reply::Joined { seq, replay, .. }) => {
                 let room = room.clone();
@@ -487,7 +492,7 @@ impl HubCore {
                         entries: replay,
                     });
                 }
-                self.joined(&room, pending.session, seq, now);
+                self.joined(&room, pending.session, seq, &pending.target, now);
             }
             (Kind::Join(room) | Kind::CatchUp(room), failed @ Reply::Failed { .. }) => {
                 let room = room.clone();
@@ -506,9 +511,16 @@ impl HubCore {
         }
     }
 
-    /// A join reply arrived: the session receives messages after `seq` from now on, once it
-    /// has everything up to the room's cursor.
-    fn joined(&mut self, room: &RoomId, session: SessionId, seq: u64, now: Instant) {
+    /// A join reply arrived from `answered_by`: the session receives messages after `seq` from
+    /// now on, once it has everything up to the room's cursor.
+    fn joined(
+        &mut self,
+        room: &RoomId,
+        session: SessionId,
+        seq: u64,
+        answered_by: &NodeName,
+        now: Instant,
+    ) {
         let Some(lr) = self.rooms.get_mut(room) else {
             return;
         };
@@ -517,7 +529,20 @@ impl HubCore {
             return;
         }
         match lr.cursor {
-            None => lr.cursor = Some(seq),
+            None => {
+                lr.cursor = Some(seq);
+                lr.joining.remove(&session);
+                lr.active.insert(session, seq);
+                // The room moved while the join travelled (its new owner may even have invited
+                // this node before the answer came, on another link): follow it from here.
+                let owner = lr.owner.clone();
+                let moved = owner.as_ref() != Some(answered_by)
+                    || self.view.owner(room) != Some(answered_by);
+                if moved {
+                    self.subscribe(room);
+                }
+                return;
+            }
             Some(cursor) if cursor > seq => {
                 // The room delivered past this join's seq here already (its owner changed while
                 // the join travelled): fetch what the session missed before it goes live.
@@ -618,12 +643,13 @@ impl HubCore {
         let Some(owner) = self.view.owner(room).cloned() else {
             return;
         };
-        let sessions: Vec<(SessionId, UserName)> = lr
+        let mut sessions: Vec<(SessionId, UserName)> = lr
             .active
             .keys()
             .chain(lr.joining.iter())
             .filter_map(|s| self.sessions.get(s).map(|l| (*s, l.user.clone())))
             .collect();
+        sessions.sort_unstable();
         lr.owner = Some(owner.clone());
         lr.resyncing = true;
         let message = ToRoom::Subscribe {
@@ -637,33 +663,46 @@ impl HubCore {
     /// The view changed.
     pub fn on_view(&mut self, view: Arc<View>) {
         let old = std::mem::replace(&mut self.view, view);
-        // Rooms whose owner changed: subscribe at the new owner.
-        let moved: Vec<RoomId> = self
+        // Rooms whose owner changed, or is reached over a new session (fan-outs may have been
+        // lost with the old one): subscribe at the owner.
+        let mut moved: Vec<RoomId> = self
             .rooms
             .iter()
-            .filter(|(room, lr)| lr.cursor.is_some() && lr.owner.as_ref() != self.view.owner(room))
+            .filter(|(room, lr)| {
+                let owner = self.view.owner(room);
+                lr.cursor.is_some()
+                    && (lr.owner.as_ref() != owner
+                        || owner.is_some_and(|o| self.view.returned(&old, o)))
+            })
             .map(|(room, _)| room.clone())
             .collect();
+        moved.sort();
         for room in moved {
             self.subscribe(&room);
         }
         // Users whose home changed: announce them at the new home.
-        let rehomed: Vec<UserName> = self
+        let mut rehomed: Vec<UserName> = self
             .users
             .keys()
             .filter(|u| old.home(u) != self.view.home(u))
             .cloned()
             .collect();
+        rehomed.sort();
         if !rehomed.is_empty() {
             self.announce(rehomed, Vec::new());
         }
-        // Requests waiting on a node that is gone will never be answered.
-        let lost: Vec<u64> = self
+        // Requests waiting on a node that is gone, or was reached over a session that is gone,
+        // will never be answered.
+        let mut lost: Vec<u64> = self
             .pending
             .iter()
-            .filter(|(_, p)| !self.view.is_up(&p.target))
+            .filter(|(_, p)| {
+                !self.view.is_up(&p.target)
+                    || self.view.session(&p.target) != old.session(&p.target)
+            })
             .map(|(req, _)| *req)
             .collect();
+        lost.sort_unstable();
         for req in lost {
             self.fail(req, "the node serving this request went down; retry");
         }
@@ -672,12 +711,13 @@ impl HubCore {
     /// Expires requests that waited longer than the request timeout.
     pub fn on_tick(&mut self, now: Instant) {
         let timeout = self.request_timeout;
-        let expired: Vec<u64> = self
+        let mut expired: Vec<u64> = self
             .pending
             .iter()
             .filter(|(_, p)| now.duration_since(p.received) > timeout)
             .map(|(req, _)| *req)
             .collect();
+        expired.sort_unstable();
         for req in expired {
             self.fail(req, "no answer in time; retry");
         }
@@ -724,7 +764,7 @@ impl HubCore {
 
     /// Tells the users' home nodes that they are (no longer) connected here.
     fn announce(&mut self, online: Vec<UserName>, offline: Vec<UserName>) {
-        let mut by_home: HashMap<NodeName, (Vec<UserName>, Vec<UserName>)> = HashMap::new();
+        let mut by_home: BTreeMap<NodeName, (Vec<UserName>, Vec<UserName>)> = BTreeMap::new();
         for user in online {
             if let Some(home) = self.view.home(&user) {
                 by_home.entry(home.clone()).or_default().0.push(user);
@@ -757,5 +797,358 @@ impl HubCore {
                     .push(HubEffect::Peer(home, PeerMessage::Directory(message)));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::view::{Member, Status};
+
+    fn node(name: &str) -> NodeName {
+        NodeName::new(name).unwrap()
+    }
+
+    /// A room owned by a node other than this one (a), so that messages to it cross a session.
+    fn room() -> RoomId {
+        let all = view(&["a", "b", "c"], 1, 1);
+        (0..100)
+            .map(|i| RoomId::new(&format!("lobby{i}")).unwrap())
+            .find(|r| all.owner(r) != Some(&node("a")))
+            .unwrap()
+    }
+
+    fn user(name: &str) -> UserName {
+        UserName::new(name).unwrap()
+    }
+
+    /// A view of a, b, c in which `up` are up over sessions numbered `session`.
+    fn view(up: &[&str], session: u64, version: u64) -> Arc<View> {
+        let members = ["a", "b", "c"]
+            .iter()
+            .map(|n| Member {
+                name: node(n),
+                addr: format!("{n}:7000"),
+                status: if up.contains(n) {
+                    Status::Up
+                } else {
+                    Status::Down
+                },
+                public_url: None,
+                session: if *n == "a" { 0 } else { session },
+            })
+            .collect();
+        Arc::new(View::new(node("a"), members, true, version))
+    }
+
+    fn entry(seq: u64) -> Entry {
+        Entry {
+            seq,
+            epoch: 1,
+            from: user("bob"),
+            text: format!("m{seq}"),
+            ts: seq,
+            client_id: None,
+        }
+    }
+
+    /// The requests the hub sent: (req, target, room op kind).
+    fn requests(hub: &mut HubCore) -> Vec<(u64, NodeName, PeerMessage)> {
+        hub.take_effects()
+            .into_iter()
+            .filter_map(|e| match e {
+                HubEffect::Request {
+                    req,
+                    target,
+                    message,
+                } => Some((req, target, message)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn subscriptions(effects: &[HubEffect]) -> Vec<(NodeName, u64)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                HubEffect::Peer(
+                    to,
+                    PeerMessage::Rooms(ToRooms::Room {
+                        message: ToRoom::Subscribe { cursor, .. },
+                        ..
+                    }),
+                ) => Some((to.clone(), *cursor)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A hub on a with session 1 (alice) joined to the room at seq `at`.
+    fn joined_hub(at: u64) -> (HubCore, Instant) {
+        let now = Instant::now();
+        let mut hub = HubCore::new(
+            node("a"),
+            view(&["a", "b", "c"], 1, 1),
+            Duration::from_secs(5),
+        );
+        hub.register(1, user("alice"));
+        let op = RoomOp::Join {
+            session: 1,
+            user: user("alice"),
+            since: None,
+        };
+        hub.request(1, None, HubRequest::Room { room: room(), op }, now);
+        let (req, _, _) = requests(&mut hub).remove(0);
+        let joined = Reply::Joined {
+            room: room(),
+            seq: at,
+            replay: Vec::new(),
+        };
+        assert!(
+            hub.on_peer(ToHub::Reply { req, reply: joined }, now)
+                .is_none()
+        );
+        hub.take_effects();
+        (hub, now)
+    }
+
+    fn fanout(hub: &mut HubCore, seqs: &[u64], now: Instant) -> Vec<u64> {
+        let entries = seqs.iter().map(|s| entry(*s)).collect();
+        match hub.on_peer(
+            ToHub::Fanout {
+                room: room(),
+                entries,
+            },
+            now,
+        ) {
+            Some(delivery) => {
+                let after: Vec<u64> = delivery.recipients().map(|(_, a)| a).collect();
+                delivery
+                    .entries
+                    .iter()
+                    .map(|e| e.seq)
+                    .filter(|s| after.iter().all(|a| s > a))
+                    .collect()
+            }
+            None => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn fan_out_is_delivered_once_in_order_and_a_gap_resubscribes_with_the_cursor() {
+        let (mut hub, now) = joined_hub(5);
+        assert_eq!(
+            fanout(&mut hub, &[4, 5, 6], now),
+            vec![6],
+            "4 and 5 were replayed"
+        );
+        assert_eq!(
+            fanout(&mut hub, &[6], now),
+            Vec::<u64>::new(),
+            "a duplicate"
+        );
+        assert!(hub.take_effects().is_empty());
+        // 7 is lost: 8 is a gap, nothing is delivered past it, the owner is asked again.
+        assert_eq!(fanout(&mut hub, &[8], now), Vec::<u64>::new());
+        let owner = view(&["a", "b", "c"], 1, 1).owner(&room()).unwrap().clone();
+        assert_eq!(subscriptions(&hub.take_effects()), vec![(owner, 6)]);
+        // The owner's re-send fills it.
+        assert_eq!(fanout(&mut hub, &[7, 8], now), vec![7, 8]);
+    }
+
+    #[test]
+    fn a_join_answered_below_what_the_node_delivered_catches_up_before_going_live() {
+        let (mut hub, now) = joined_hub(10);
+        assert_eq!(fanout(&mut hub, &[11, 12], now), vec![11, 12]);
+        // bob joins; the answer comes from an owner that was at 9 (it moved meanwhile).
+        hub.register(2, user("bob"));
+        let op = RoomOp::Join {
+            session: 2,
+            user: user("bob"),
+            since: None,
+        };
+        hub.request(2, None, HubRequest::Room { room: room(), op }, now);
+        let (req, _, _) = requests(&mut hub).remove(0);
+        let joined = Reply::Joined {
+            room: room(),
+            seq: 9,
+            replay: Vec::new(),
+        };
+        hub.on_peer(ToHub::Reply { req, reply: joined }, now);
+        let effects = hub.take_effects();
+        assert!(matches!(effects[0], HubEffect::Reply { session: 2, .. }));
+        let catch_up = effects
+            .iter()
+            .find_map(|e| match e {
+                HubEffect::Request {
+                    req,
+                    message:
+                        PeerMessage::Rooms(ToRooms::Room {
+                            message:
+                                ToRoom::Request {
+                                    op: RoomOp::Join { since, .. },
+                                    ..
+                                },
+                            ..
+                        }),
+                    ..
+                } => Some((*req, *since)),
+                _ => None,
+            })
+            .expect("an internal join");
+        assert_eq!(catch_up.1, Some(9));
+        // Meanwhile live messages go to alice only.
+        let delivery = hub
+            .on_peer(
+                ToHub::Fanout {
+                    room: room(),
+                    entries: vec![entry(13)],
+                },
+                now,
+            )
+            .unwrap();
+        assert_eq!(
+            delivery.recipients().map(|(s, _)| s).collect::<Vec<_>>(),
+            vec![1]
+        );
+        // The catch-up brings bob 10..13, then he is live after 13.
+        let joined = Reply::Joined {
+            room: room(),
+            seq: 13,
+            replay: (10..=13).map(entry).collect(),
+        };
+        hub.on_peer(
+            ToHub::Reply {
+                req: catch_up.0,
+                reply: joined,
+            },
+            now,
+        );
+        let effects = hub.take_effects();
+        assert!(matches!(
+            &effects[..],
+            [HubEffect::CatchUp { session: 2, entries, .. }] if entries.len() == 4
+        ));
+        let delivery = hub
+            .on_peer(
+                ToHub::Fanout {
+                    room: room(),
+                    entries: vec![entry(14)],
+                },
+                now,
+            )
+            .unwrap();
+        let mut recipients: Vec<(SessionId, u64)> = delivery.recipients().collect();
+        recipients.sort_unstable();
+        assert_eq!(recipients, vec![(1, 10), (2, 13)]);
+    }
+
+    #[test]
+    fn a_new_owner_or_a_new_session_to_it_gets_a_subscription_with_the_cursor() {
+        let (mut hub, now) = joined_hub(3);
+        let owner = view(&["a", "b", "c"], 1, 1).owner(&room()).unwrap().clone();
+        assert_eq!(fanout(&mut hub, &[4], now), vec![4]);
+        // Same owner, same session: nothing.
+        hub.on_view(view(&["a", "b", "c"], 1, 2));
+        assert!(subscriptions(&hub.take_effects()).is_empty());
+        // The session to the owner was replaced: what it sent meanwhile may be lost.
+        hub.on_view(view(&["a", "b", "c"], 2, 3));
+        assert_eq!(subscriptions(&hub.take_effects()), vec![(owner.clone(), 4)]);
+        // The owner goes down: its successor gets the subscription.
+        let others: Vec<&str> = ["a", "b", "c"]
+            .into_iter()
+            .filter(|n| *n != owner.as_str())
+            .collect();
+        let without = view(&others, 2, 4);
+        let successor = without.owner(&room()).unwrap().clone();
+        hub.on_view(without);
+        assert_eq!(subscriptions(&hub.take_effects()), vec![(successor, 4)]);
+    }
+
+    #[test]
+    fn requests_to_a_node_that_went_down_or_could_not_be_reached_fail_at_once() {
+        let (mut hub, now) = joined_hub(0);
+        let op = RoomOp::GetMembers;
+        hub.request(1, None, HubRequest::Room { room: room(), op }, now);
+        let (req, target, _) = requests(&mut hub).remove(0);
+        let others: Vec<&str> = ["a", "b", "c"]
+            .into_iter()
+            .filter(|n| *n != target.as_str())
+            .collect();
+        hub.on_view(view(&others, 1, 2));
+        let failed = hub.take_effects().into_iter().any(|e| {
+            matches!(
+                e,
+                HubEffect::Reply {
+                    session: 1,
+                    reply: Reply::Failed {
+                        code: ErrorCode::Unavailable,
+                        ..
+                    },
+                    ..
+                }
+            )
+        });
+        assert!(failed);
+        // A reply that comes later anyway is dropped.
+        hub.on_peer(
+            ToHub::Reply {
+                req,
+                reply: Reply::Members {
+                    room: room(),
+                    users: Vec::new(),
+                },
+            },
+            now,
+        );
+        assert!(hub.take_effects().is_empty());
+        // A request the shell could not hand over fails too.
+        hub.request(
+            1,
+            None,
+            HubRequest::Room {
+                room: room(),
+                op: RoomOp::GetMembers,
+            },
+            now,
+        );
+        let (req, _, _) = requests(&mut hub).remove(0);
+        hub.request_failed(req);
+        assert!(matches!(
+            hub.take_effects()[..],
+            [HubEffect::Reply {
+                session: 1,
+                reply: Reply::Failed { .. },
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn a_send_to_a_room_not_joined_is_refused_here() {
+        let now = Instant::now();
+        let mut hub = HubCore::new(
+            node("a"),
+            view(&["a", "b", "c"], 1, 1),
+            Duration::from_secs(5),
+        );
+        hub.register(1, user("alice"));
+        hub.take_effects();
+        let op = RoomOp::Publish {
+            user: user("alice"),
+            text: "hi".into(),
+            client_id: None,
+        };
+        hub.request(1, None, HubRequest::Room { room: room(), op }, now);
+        assert!(matches!(
+            hub.take_effects()[..],
+            [HubEffect::Reply {
+                reply: Reply::Failed {
+                    code: ErrorCode::NotJoined,
+                    ..
+                },
+                ..
+            }]
+        ));
     }
 }

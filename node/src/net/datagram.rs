@@ -79,6 +79,7 @@ mod tests {
             },
             kind: HeartbeatKind::Ping { nonce: 7 },
             members: Vec::new(),
+            departed: Vec::new(),
         }
     }
 

@@ -80,8 +80,11 @@ pub struct RoomConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flaw {
     /// Counts every adopted entry as committed at once, without storing it on the placement
-    /// under the new epoch first (the rule before the double-fault fork was fixed).
+    /// under the new epoch first.
     CommitAdopted,
+    /// The rules before the double-fault fork was fixed: adopts the copy whose last entry has
+    /// the newest epoch (then the longest), and commits what it adopts at once.
+    OldRules,
 }
 
 /// Reads entries of a room's log from this node's store.
@@ -417,12 +420,13 @@ impl RoomCore {
         let previous = std::mem::replace(&mut self.view, view);
         if self.is_active() {
             // A node that was down in our previous view (a crash, or just a flapping link) had
-            // its members dropped here, while its own view may never have changed: invite it to
-            // subscribe again, with its cursor.
+            // its members dropped here, while its own view may never have changed; one reached
+            // over a new session may have missed fan-outs: invite it to subscribe again, with
+            // its cursor.
             let returned: Vec<NodeName> = self
                 .view
                 .up()
-                .filter(|n| !previous.is_up(n) && **n != self.me)
+                .filter(|n| **n != self.me && self.view.returned(&previous, n))
                 .cloned()
                 .collect();
             for node in returned {
@@ -445,13 +449,28 @@ impl RoomCore {
             }
         }
         let wanted = self.wanted_placement();
-        let waiting_for_gone = match &self.phase {
-            Phase::Claiming { waiting, .. } => waiting.iter().any(|n| !self.view.is_up(n)),
-            Phase::Syncing { fetching } => fetching.as_ref().is_some_and(|n| !self.view.is_up(n)),
+        // A node waited on that is gone, or reached over a new session (what was in flight on
+        // the old one may be lost), is asked again.
+        let lost = |n: &NodeName| !self.view.is_up(n) || self.view.returned(&previous, n);
+        let waiting_for_lost = match &self.phase {
+            Phase::Claiming { waiting, .. } => waiting.iter().any(lost),
+            Phase::Syncing { fetching } => fetching.as_ref().is_some_and(lost),
             _ => false,
         };
-        if wanted != self.placement.nodes || waiting_for_gone {
+        if wanted != self.placement.nodes || waiting_for_lost {
             self.start_claim(now);
+            return;
+        }
+        let mut resend = false;
+        for (node, replica) in &mut self.replicas {
+            if *node != self.me && self.view.returned(&previous, node) {
+                replica.sent = replica.matched.max(replica.base);
+                replica.poke = true;
+                resend = true;
+            }
+        }
+        if resend {
+            self.pump();
         }
     }
 
@@ -522,8 +541,8 @@ impl RoomCore {
     // ---- claiming ----
 
     fn wanted_placement(&self) -> Vec<NodeName> {
-        let size = log::placement_size(self.config.replication_factor, self.view.members.len());
-        self.view.placement(&self.id, size)
+        self.view
+            .room_placement(&self.id, self.config.replication_factor)
     }
 
     fn start_claim(&mut self, now: Instant) {
@@ -549,8 +568,8 @@ impl RoomCore {
             epoch: self.epoch,
             nodes: self.wanted_placement(),
         };
-        let waiting: HashSet<NodeName> = self.view.up().cloned().collect();
-        for node in &waiting {
+        let up: Vec<NodeName> = self.view.up().cloned().collect();
+        for node in &up {
             self.effects.push(Effect::Keeper(
                 node.clone(),
                 ToKeeper::Promise {
@@ -563,7 +582,7 @@ impl RoomCore {
         tracing::debug!(room = %self.id, epoch = self.epoch, placement = ?self.placement.nodes, "claiming");
         self.phase = Phase::Claiming {
             answers: Vec::new(),
-            waiting,
+            waiting: up.into_iter().collect(),
             since: now,
         };
     }
@@ -635,7 +654,18 @@ impl RoomCore {
             };
             return;
         };
-        let Some((best_node, best)) = log::best(&answers).cloned() else {
+        let best = match self.config.flaw {
+            Some(Flaw::OldRules) => answers.iter().reduce(|best, candidate| {
+                let key = |s: &LogState| (log::epoch_at(s, s.last_seq).unwrap_or(0), s.last_seq);
+                if key(&candidate.1) > key(&best.1) {
+                    candidate
+                } else {
+                    best
+                }
+            }),
+            _ => log::best(&answers),
+        };
+        let Some((best_node, best)) = best.cloned() else {
             return;
         };
         // What this node holds of the adopted log: its store up to `shared`, and the entries
@@ -690,7 +720,7 @@ impl RoomCore {
         self.progress_at = now;
         self.resent_at = now;
         tracing::debug!(room = %self.id, epoch = self.epoch, from = %best_node, adopted = self.adopted, have = self.have, "adopting the best copy");
-        if self.config.flaw == Some(Flaw::CommitAdopted) {
+        if self.commits_adopted() {
             // The old rule: what is adopted counts as committed at once.
             self.commit = self.commit.max(self.have.min(self.adopted));
         }
@@ -701,11 +731,15 @@ impl RoomCore {
             self.fetch_next(&from);
         }
         self.phase = Phase::Syncing { fetching };
-        if self.config.flaw == Some(Flaw::CommitAdopted) && self.have >= self.adopted {
+        if self.commits_adopted() && self.have >= self.adopted {
             self.become_active(now);
             return;
         }
         self.pump();
+    }
+
+    fn commits_adopted(&self) -> bool {
+        matches!(self.config.flaw, Some(Flaw::CommitAdopted | Flaw::OldRules))
     }
 
     fn fetch_next(&mut self, from: &NodeName) {
@@ -754,7 +788,7 @@ impl RoomCore {
             self.fetch_next(&node);
         } else {
             self.phase = Phase::Syncing { fetching: None };
-            if self.config.flaw == Some(Flaw::CommitAdopted) {
+            if self.commits_adopted() {
                 self.commit = self.commit.max(self.adopted);
                 self.become_active(now);
                 return;
@@ -1357,4 +1391,530 @@ fn chunks(entries: Vec<Entry>) -> Vec<Vec<Entry>> {
         out.push(current);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    //! The room core driven by hand against real keeper cores and in-memory disks: every
+    //! message is delivered (or dropped) by the test, time is given explicitly.
+
+    use std::collections::{BTreeMap, VecDeque};
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::cluster::view::{Member, Status};
+    use crate::rooms::keeper::{KeeperCore, KeeperEffect};
+    use crate::store::Write;
+
+    fn node(name: &str) -> NodeName {
+        NodeName::new(name).unwrap()
+    }
+
+    fn user() -> UserName {
+        UserName::new("alice").unwrap()
+    }
+
+    fn view(me: &str, up: &[&str]) -> Arc<View> {
+        let members = ["a", "b", "c"]
+            .iter()
+            .map(|n| Member {
+                name: node(n),
+                addr: format!("{n}:7000"),
+                status: if up.contains(n) {
+                    Status::Up
+                } else {
+                    Status::Down
+                },
+                public_url: None,
+                session: 1,
+            })
+            .collect();
+        Arc::new(View::new(node(me), members, true, 1))
+    }
+
+    #[derive(Default)]
+    struct Disk {
+        logs: BTreeMap<RoomId, LogState>,
+        entries: BTreeMap<u64, Entry>,
+    }
+
+    struct Shared(Arc<Mutex<Disk>>);
+
+    impl LogReader for Shared {
+        fn entries(
+            &self,
+            _room: &RoomId,
+            from: u64,
+            to: u64,
+            _max: usize,
+        ) -> Result<Vec<Entry>, StoreError> {
+            let disk = self.0.lock().unwrap();
+            Ok(disk
+                .entries
+                .range(from..=to)
+                .map(|(_, e)| e.clone())
+                .collect())
+        }
+    }
+
+    /// Three nodes' keepers and disks, and what travels between them.
+    struct Cluster {
+        keepers: BTreeMap<NodeName, KeeperCore>,
+        disks: BTreeMap<NodeName, Arc<Mutex<Disk>>>,
+        /// Messages for room cores, by destination node.
+        to_rooms: VecDeque<(NodeName, ToRoom)>,
+        /// Messages for hubs.
+        to_hubs: Vec<(NodeName, ToHub)>,
+        /// Appends to these nodes are lost.
+        lose_appends_to: Vec<NodeName>,
+        now: Instant,
+    }
+
+    impl Cluster {
+        fn new() -> Cluster {
+            let names = ["a", "b", "c"].map(node);
+            Cluster {
+                keepers: names
+                    .iter()
+                    .map(|n| (n.clone(), KeeperCore::new(n.clone())))
+                    .collect(),
+                disks: names.iter().map(|n| (n.clone(), Arc::default())).collect(),
+                to_rooms: VecDeque::new(),
+                to_hubs: Vec::new(),
+                lose_appends_to: Vec::new(),
+                now: Instant::now(),
+            }
+        }
+
+        fn core(&self, me: &str, up: &[&str], flaw: Option<Flaw>) -> RoomCore {
+            let config = RoomConfig {
+                replication_factor: 2,
+                replay_cap: 1000,
+                idle: Duration::from_secs(60),
+                queue_timeout: Duration::from_secs(4),
+                flaw,
+            };
+            let disk = self.disks[&node(me)].clone();
+            // As the actor does: start above what this node's copy promised.
+            let promised = disk
+                .lock()
+                .unwrap()
+                .logs
+                .get(&room())
+                .map_or(0, |s| s.promised);
+            RoomCore::new(
+                room(),
+                node(me),
+                view(me, up),
+                config,
+                Arc::new(Shared(disk)),
+                Metrics::new(),
+                promised,
+                1,
+                self.now,
+            )
+        }
+
+        /// Carries out the core's effects; keeper writes are durable at once.
+        fn effects(&mut self, core: &mut RoomCore) {
+            loop {
+                let effects = core.take_effects();
+                if effects.is_empty() {
+                    return;
+                }
+                self.carry_out(core, effects);
+            }
+        }
+
+        fn carry_out(&mut self, core: &mut RoomCore, effects: Vec<Effect>) {
+            for effect in effects {
+                match effect {
+                    Effect::Keeper(to, message) => {
+                        if matches!(message, ToKeeper::Append { .. })
+                            && self.lose_appends_to.contains(&to)
+                        {
+                            continue;
+                        }
+                        self.keeper(&to, message);
+                    }
+                    Effect::Hub(to, message) => self.to_hubs.push((to, message)),
+                    Effect::Flush => core.on_flush(),
+                    Effect::Stop(_) => {}
+                }
+            }
+        }
+
+        fn keeper(&mut self, at: &NodeName, message: ToKeeper) {
+            let disk = self.disks[at].clone();
+            let keeper = self.keepers.get_mut(at).unwrap();
+            let effects = keeper
+                .on(message, |room| {
+                    Ok(disk
+                        .lock()
+                        .unwrap()
+                        .logs
+                        .get(room)
+                        .cloned()
+                        .unwrap_or_default())
+                })
+                .unwrap();
+            for effect in effects {
+                match effect {
+                    KeeperEffect::Write {
+                        write:
+                            Write::Log {
+                                room,
+                                state,
+                                truncate_after,
+                                entries,
+                            },
+                        to,
+                        answer,
+                        ..
+                    } => {
+                        let mut d = disk.lock().unwrap();
+                        if let Some(after) = truncate_after {
+                            d.entries.split_off(&(after + 1));
+                        }
+                        for e in entries {
+                            d.entries.insert(e.seq, e);
+                        }
+                        d.logs.insert(room, state);
+                        self.to_rooms.push_back((to, answer));
+                    }
+                    KeeperEffect::Answer { to, answer, .. } => {
+                        self.to_rooms.push_back((to, answer))
+                    }
+                    KeeperEffect::Fetch {
+                        to,
+                        from_seq,
+                        to_seq,
+                        ..
+                    } => {
+                        let entries = disk
+                            .lock()
+                            .unwrap()
+                            .entries
+                            .range(from_seq..=to_seq)
+                            .map(|(_, e)| e.clone())
+                            .collect();
+                        let node = at.clone();
+                        self.to_rooms
+                            .push_back((to, ToRoom::Fetched { node, entries }));
+                    }
+                    KeeperEffect::Write { .. } => {}
+                }
+            }
+        }
+
+        /// Delivers every message for `core`'s node to it until none is left.
+        fn settle(&mut self, core: &mut RoomCore) {
+            self.effects(core);
+            while let Some(i) = self.to_rooms.iter().position(|(n, _)| n == &core.me) {
+                let (_, message) = self.to_rooms.remove(i).unwrap();
+                core.on_peer(message, self.now, self.now, 1_000);
+                self.effects(core);
+            }
+            self.to_rooms.clear();
+        }
+
+        fn send(&mut self, core: &mut RoomCore, req: u64, text: &str, id: &str) {
+            let origin = Origin {
+                node: node("c"),
+                req,
+            };
+            let op = RoomOp::Publish {
+                user: user(),
+                text: text.into(),
+                client_id: Some(id.into()),
+            };
+            core.on_peer(
+                ToRoom::Request {
+                    origin,
+                    op,
+                    hops: 0,
+                },
+                self.now,
+                self.now,
+                1_000,
+            );
+            self.settle(core);
+        }
+
+        /// The seq acknowledged to request `req`, if any; errors are `Err`.
+        fn acked(&self, req: u64) -> Option<Result<u64, String>> {
+            self.to_hubs.iter().find_map(|(_, m)| match m {
+                ToHub::Reply {
+                    req: r,
+                    reply: Reply::Acked { seq, .. },
+                } if *r == req => Some(Ok(*seq)),
+                ToHub::Reply {
+                    req: r,
+                    reply: Reply::Failed { message, .. },
+                } if *r == req => Some(Err(message.clone())),
+                _ => None,
+            })
+        }
+
+        fn stored(&self, at: &str) -> Vec<(u64, String)> {
+            let disk = self.disks[&node(at)].lock().unwrap();
+            disk.entries
+                .values()
+                .map(|e| (e.seq, e.text.clone()))
+                .collect()
+        }
+    }
+
+    /// A room placed on a (owner) then c with everyone up, and owned by c when a is down.
+    fn room() -> RoomId {
+        let all = view("a", &["a", "b", "c"]);
+        let without_a = view("c", &["b", "c"]);
+        (0..1000)
+            .map(|i| RoomId::new(&format!("r{i}")).unwrap())
+            .find(|r| {
+                all.room_placement(r, 2) == vec![node("a"), node("c")]
+                    && without_a.owner(r) == Some(&node("c"))
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn a_room_claims_syncs_and_acknowledges_once_the_placement_stored_a_message() {
+        let mut cluster = Cluster::new();
+        let mut core = cluster.core("a", &["a", "b", "c"], None);
+        cluster.settle(&mut core);
+        assert!(core.is_active());
+        assert_eq!(core.epoch(), 1);
+        // Replica c loses the append: nothing is acknowledged yet.
+        cluster.lose_appends_to = vec![node("c")];
+        cluster.send(&mut core, 1, "hello", "m1");
+        assert_eq!(cluster.acked(1), None, "c does not hold it");
+        assert_eq!(core.commit(), 0);
+        assert_eq!(cluster.stored("a"), vec![(1, "hello".into())]);
+        // The resend after a second of silence reaches it: acknowledged, seq 1.
+        cluster.lose_appends_to.clear();
+        cluster.now += RESEND_AFTER;
+        core.on_tick(cluster.now);
+        cluster.settle(&mut core);
+        assert_eq!(cluster.acked(1), Some(Ok(1)));
+        assert_eq!(core.commit(), 1);
+        assert_eq!(cluster.stored("c"), vec![(1, "hello".into())]);
+        // A retry of the same id is acknowledged with the same seq and stored once.
+        cluster.send(&mut core, 2, "hello", "m1");
+        assert_eq!(cluster.acked(2), Some(Ok(1)));
+        assert_eq!(cluster.stored("a").len(), 1);
+    }
+
+    /// The first step of the double-fault fork: the owner stored seq 2, its replica did not.
+    fn owner_alone_holds_seq_2(cluster: &mut Cluster) {
+        let mut first = cluster.core("a", &["a", "b", "c"], None);
+        cluster.settle(&mut first);
+        cluster.send(&mut first, 1, "m1", "a");
+        assert_eq!(cluster.acked(1), Some(Ok(1)));
+        cluster.lose_appends_to = vec![node("c")];
+        cluster.send(&mut first, 2, "m2", "x");
+        assert_eq!(cluster.acked(2), None);
+        assert_eq!(cluster.stored("a").len(), 2);
+        assert_eq!(cluster.stored("c").len(), 1);
+        cluster.lose_appends_to.clear();
+        cluster.to_hubs.clear();
+        // a's room restarts (its actor failed, say) and claims again over its own copy.
+    }
+
+    #[test]
+    fn adopted_entries_are_committed_only_once_the_placement_holds_them_under_the_new_epoch() {
+        owner_alone_holds_seq_2(&mut Cluster::new());
+        let mut cluster = Cluster::new();
+        owner_alone_holds_seq_2(&mut cluster);
+        cluster.lose_appends_to = vec![node("c")];
+        let mut again = cluster.core("a", &["a", "b", "c"], None);
+        cluster.settle(&mut again);
+        assert!(!again.is_active(), "c lacks seq 2 under the new epoch");
+        // The retry of x waits instead of being acknowledged from the dedupe table.
+        cluster.send(&mut again, 3, "m2", "x");
+        assert_eq!(cluster.acked(3), None);
+        assert_eq!(again.commit(), 0);
+        // Once c stored it under epoch 2, seq 2 is committed and the retry acknowledged.
+        cluster.lose_appends_to.clear();
+        cluster.now += RESEND_AFTER;
+        again.on_tick(cluster.now);
+        cluster.settle(&mut again);
+        assert!(again.is_active());
+        assert_eq!(again.commit(), 2);
+        assert_eq!(cluster.acked(3), Some(Ok(2)));
+        assert_eq!(cluster.stored("c").len(), 2);
+        let disk = cluster.disks[&node("c")].lock().unwrap();
+        assert_eq!(disk.logs[&room()].synced, 2);
+    }
+
+    #[test]
+    fn with_the_broken_rule_adopted_entries_are_acknowledged_before_the_placement_holds_them() {
+        // What the simulation catches: proof that this test harness sees the difference.
+        let mut cluster = Cluster::new();
+        owner_alone_holds_seq_2(&mut cluster);
+        cluster.lose_appends_to = vec![node("c")];
+        let mut flawed = cluster.core("a", &["a", "b", "c"], Some(Flaw::CommitAdopted));
+        cluster.settle(&mut flawed);
+        cluster.send(&mut flawed, 3, "m2", "x");
+        assert_eq!(
+            cluster.acked(3),
+            Some(Ok(2)),
+            "acknowledged while only a holds it"
+        );
+        assert_eq!(cluster.stored("c").len(), 1);
+    }
+
+    #[test]
+    fn a_new_owner_adopts_the_copy_with_the_highest_sync_label() {
+        let mut cluster = Cluster::new();
+        owner_alone_holds_seq_2(&mut cluster);
+        // a is gone; c takes the room (b, c up) and syncs its copy [1] under epoch 2.
+        let mut at_c = cluster.core("c", &["b", "c"], None);
+        cluster.settle(&mut at_c);
+        assert!(at_c.is_active());
+        assert_eq!(at_c.commit(), 1);
+        // a comes back and claims: its longer copy (synced 1) loses to c's (synced 2).
+        let mut back = cluster.core("a", &["a", "b", "c"], None);
+        cluster.settle(&mut back);
+        if !back.is_active() {
+            // Its first epoch was below c's: refused, it backs off and claims above.
+            cluster.now += Duration::from_millis(200);
+            back.on_tick(cluster.now);
+            cluster.settle(&mut back);
+        }
+        assert!(back.is_active());
+        assert_eq!(back.commit(), 1);
+        assert_eq!(
+            cluster.stored("a"),
+            vec![(1, "m1".into())],
+            "seq 2 was never acked"
+        );
+        // The retry of x is a new message at seq 2.
+        cluster.send(&mut back, 4, "m2", "x");
+        assert_eq!(cluster.acked(4), Some(Ok(2)));
+    }
+
+    #[test]
+    fn a_fenced_owner_steps_down_and_fails_what_it_holds() {
+        let mut cluster = Cluster::new();
+        let mut core = cluster.core("a", &["a", "b", "c"], None);
+        cluster.settle(&mut core);
+        // Another claimer gets epoch 5 promised by c.
+        cluster.keeper(
+            &node("c"),
+            ToKeeper::Promise {
+                room: room(),
+                epoch: 5,
+                placement: Placement {
+                    epoch: 5,
+                    nodes: vec![node("c"), node("b")],
+                },
+            },
+        );
+        // c tells the old owner at once.
+        let notice = cluster
+            .to_rooms
+            .iter()
+            .position(|(n, m)| {
+                *n == node("a")
+                    && matches!(
+                        m,
+                        ToRoom::Appended {
+                            outcome: AppendOutcome::Fenced { promised: 5 },
+                            ..
+                        }
+                    )
+            })
+            .expect("a fence notice for a");
+        let (_, notice) = cluster.to_rooms.remove(notice).unwrap();
+        cluster.to_rooms.clear();
+        core.on_peer(notice, cluster.now, cluster.now, 1_000);
+        assert!(core.take_effects().contains(&Effect::Stop(Stop::Fenced)));
+        assert!(!core.is_active());
+        // A request after that is refused at once.
+        let origin = Origin {
+            node: node("c"),
+            req: 9,
+        };
+        core.on_peer(
+            ToRoom::Request {
+                origin,
+                op: RoomOp::GetMembers,
+                hops: 0,
+            },
+            cluster.now,
+            cluster.now,
+            1_000,
+        );
+        cluster.effects(&mut core);
+        assert!(matches!(cluster.acked(9), Some(Err(_))));
+    }
+
+    #[test]
+    fn requests_wait_for_the_claim_and_expire_after_the_queue_timeout() {
+        let mut cluster = Cluster::new();
+        let mut core = cluster.core("a", &["a", "b", "c"], None);
+        // No answer to the promises yet: the send waits.
+        core.take_effects();
+        cluster.send_no_settle(&mut core, 1);
+        assert_eq!(cluster.acked(1), None);
+        assert!(
+            core.next_wake()
+                .is_some_and(|w| w <= cluster.now + Duration::from_secs(4))
+        );
+        cluster.now += Duration::from_secs(4);
+        core.on_tick(cluster.now);
+        cluster.effects(&mut core);
+        assert!(
+            matches!(cluster.acked(1), Some(Err(_))),
+            "{:?}",
+            cluster.to_hubs
+        );
+    }
+
+    impl Cluster {
+        fn send_no_settle(&mut self, core: &mut RoomCore, req: u64) {
+            let origin = Origin {
+                node: node("c"),
+                req,
+            };
+            let op = RoomOp::Publish {
+                user: user(),
+                text: "t".into(),
+                client_id: None,
+            };
+            core.on_peer(
+                ToRoom::Request {
+                    origin,
+                    op,
+                    hops: 0,
+                },
+                self.now,
+                self.now,
+                1_000,
+            );
+        }
+    }
+
+    #[test]
+    fn a_copy_that_lost_its_promise_makes_the_owner_claim_again() {
+        let mut cluster = Cluster::new();
+        let mut core = cluster.core("a", &["a", "b", "c"], None);
+        cluster.settle(&mut core);
+        cluster.send(&mut core, 1, "m1", "a");
+        assert_eq!(core.epoch(), 1);
+        // c's disk is wiped (and its keeper restarted): it has promised nothing.
+        *cluster.disks[&node("c")].lock().unwrap() = Disk::default();
+        cluster
+            .keepers
+            .insert(node("c"), KeeperCore::new(node("c")));
+        cluster.send(&mut core, 2, "m2", "b");
+        assert!(core.epoch() > 1, "claimed again");
+        assert_eq!(cluster.acked(2), Some(Ok(2)));
+        assert_eq!(
+            cluster.stored("c"),
+            vec![(1, "m1".into()), (2, "m2".into())],
+            "the new placement is brought up to the log"
+        );
+    }
 }

@@ -17,11 +17,11 @@
 //! claims again, recovers its log from the store, and announces itself so that nodes with
 //! members subscribe again: no message is lost, only the requests in flight get `unavailable`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chat_protocol::peer::{Origin, Reply, ToHub, ToRoom, ToRooms};
+use chat_protocol::peer::{LogState, Origin, Reply, ToHub, ToRoom, ToRooms};
 use chat_protocol::{ErrorCode, NodeName, RoomId};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use ractor_cluster::RactorMessage;
@@ -85,7 +85,7 @@ pub enum HostMessage {
         /// Rooms this node should take over.
         here: Vec<RoomId>,
         /// Rooms other nodes should take over.
-        elsewhere: HashMap<NodeName, Vec<RoomId>>,
+        elsewhere: BTreeMap<NodeName, Vec<RoomId>>,
     },
     /// Makes the room's actor panic (tests of the restart policy).
     Crash(RoomId),
@@ -233,46 +233,35 @@ impl HostState {
 
     async fn route_room(&mut self, myself: &ActorRef<HostMessage>, room: RoomId, message: ToRoom) {
         let received = Instant::now();
-        match message {
-            ToRoom::Request { origin, op, hops } => {
-                if self.owns(&room) {
-                    if let Some(actor) = self.room(myself, &room).await {
-                        let request = ToRoom::Request { origin, op, hops };
-                        let _ = actor.cast(RoomMessage::Peer(request, received));
-                    } else {
+        match route(&self.view, self.me(), &room, message) {
+            Route::Room { message, start } => {
+                let actor = match start {
+                    true => self.room(myself, &room).await,
+                    false => self.rooms.get(&room).cloned(),
+                };
+                match (actor, message) {
+                    (Some(actor), message) => {
+                        let _ = actor.cast(RoomMessage::Peer(message, received));
+                    }
+                    (None, ToRoom::Request { origin, .. }) => {
                         self.fail(&origin, "the room could not be started");
                     }
+                    (None, _) => {}
+                }
+            }
+            Route::Forward { to, message } => {
+                let ToRoom::Request { origin, .. } = &message else {
                     return;
-                }
-                match self.view.owner(&room).cloned() {
-                    Some(owner) if hops == 0 => {
-                        let forwarded = ToRoom::Request {
-                            origin: origin.clone(),
-                            op,
-                            hops: 1,
-                        };
-                        if self.args.net.to_room(&owner, room, forwarded).is_err() {
-                            self.fail(&origin, "the room's node is unreachable");
-                        } else if origin.req != 0 {
-                            self.remember_forwarded(origin, owner);
-                        }
-                    }
-                    _ => self.fail(&origin, "the room is moving between nodes"),
+                };
+                let origin = origin.clone();
+                if self.args.net.to_room(&to, room, message).is_err() {
+                    self.fail(&origin, "the room's node is unreachable");
+                } else if origin.req != 0 {
+                    self.remember_forwarded(origin, to);
                 }
             }
-            ToRoom::Subscribe { .. } => {
-                if self.owns(&room)
-                    && let Some(actor) = self.room(myself, &room).await
-                {
-                    let _ = actor.cast(RoomMessage::Peer(message, received));
-                }
-            }
-            // Answers to a room's own requests: only for a room that runs here.
-            ToRoom::Promised { .. } | ToRoom::Appended { .. } | ToRoom::Fetched { .. } => {
-                if let Some(actor) = self.rooms.get(&room) {
-                    let _ = actor.cast(RoomMessage::Peer(message, received));
-                }
-            }
+            Route::Fail { origin, why } => self.fail(&origin, why),
+            Route::Drop => {}
         }
     }
 
@@ -391,23 +380,7 @@ impl HostState {
                     return;
                 }
             };
-            let mut here = Vec::new();
-            let mut elsewhere: HashMap<NodeName, Vec<RoomId>> = HashMap::new();
-            for (room, state) in rooms {
-                if state.last_seq == 0 {
-                    continue;
-                }
-                let wanted = view.placement(&room, rf);
-                let current = state.placement.as_ref().map(|p| p.nodes.as_slice());
-                if current == Some(wanted.as_slice()) {
-                    continue;
-                }
-                match wanted.first() {
-                    Some(owner) if owner == &me => here.push(room),
-                    Some(owner) => elsewhere.entry(owner.clone()).or_default().push(room),
-                    None => {}
-                }
-            }
+            let (here, elsewhere) = moves(rooms, &view, rf, &me);
             let _ = host.cast(HostMessage::Scanned {
                 version: view.version,
                 here,
@@ -415,4 +388,94 @@ impl HostState {
             });
         });
     }
+}
+
+/// Where a message for a room goes on this node.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    /// To the room's actor here: started first if `start` (and not running), else only if it
+    /// runs.
+    Room {
+        /// The message.
+        message: ToRoom,
+        /// Whether to start the room for it.
+        start: bool,
+    },
+    /// To the owner in this node's view (the sender's view was stale): forwarded once.
+    Forward {
+        /// The owner.
+        to: NodeName,
+        /// The request, marked as forwarded.
+        message: ToRoom,
+    },
+    /// Answered `unavailable` (views disagree: the request was forwarded once already).
+    Fail {
+        /// The requester.
+        origin: Origin,
+        /// Why.
+        why: &'static str,
+    },
+    /// Nothing to do (a subscription for a room that lives elsewhere now).
+    Drop,
+}
+
+/// Decides where a message for `room` goes on node `me` under `view`.
+pub fn route(view: &View, me: &NodeName, room: &RoomId, message: ToRoom) -> Route {
+    let owns = view.owner(room) == Some(me);
+    match message {
+        ToRoom::Request { .. } | ToRoom::Subscribe { .. } if owns => Route::Room {
+            message,
+            start: true,
+        },
+        ToRoom::Request { origin, op, hops } => match view.owner(room) {
+            Some(owner) if hops == 0 => Route::Forward {
+                to: owner.clone(),
+                message: ToRoom::Request {
+                    origin,
+                    op,
+                    hops: 1,
+                },
+            },
+            _ => Route::Fail {
+                origin,
+                why: "the room is moving between nodes",
+            },
+        },
+        ToRoom::Subscribe { .. } => Route::Drop,
+        // Answers to a room's own requests: only for a room that runs here.
+        ToRoom::Promised { .. } | ToRoom::Appended { .. } | ToRoom::Fetched { .. } => Route::Room {
+            message,
+            start: false,
+        },
+    }
+}
+
+/// Among the rooms this node holds a copy of, those whose placement under `view` differs from
+/// the one their copy was last written with: to take over here (this node owns them now), or to
+/// point out to their new owner, so that logs are re-replicated after a node is lost and handed
+/// over when one joins, even for rooms nobody is using.
+pub fn moves(
+    rooms: Vec<(RoomId, LogState)>,
+    view: &View,
+    replication_factor: usize,
+    me: &NodeName,
+) -> (Vec<RoomId>, BTreeMap<NodeName, Vec<RoomId>>) {
+    let mut here = Vec::new();
+    let mut elsewhere: BTreeMap<NodeName, Vec<RoomId>> = BTreeMap::new();
+    for (room, state) in rooms {
+        if state.last_seq == 0 {
+            continue;
+        }
+        let wanted = view.room_placement(&room, replication_factor);
+        let current = state.placement.as_ref().map(|p| p.nodes.as_slice());
+        if current == Some(wanted.as_slice()) {
+            continue;
+        }
+        match wanted.first() {
+            Some(owner) if owner == me => here.push(room),
+            Some(owner) => elsewhere.entry(owner.clone()).or_default().push(room),
+            None => {}
+        }
+    }
+    (here, elsewhere)
 }

@@ -81,12 +81,13 @@ impl KeeperCore {
     }
 
     /// Handles a request from an owner; `load` reads a room's state from the store the first
-    /// time the room is seen (an error there means the disk is failing).
+    /// time the room is seen (an error there means the disk is failing). Returns what to do, in
+    /// order.
     pub fn on(
         &mut self,
         message: ToKeeper,
         load: impl FnOnce(&RoomId) -> Result<LogState, StoreError>,
-    ) -> Result<Option<KeeperEffect>, StoreError> {
+    ) -> Result<Vec<KeeperEffect>, StoreError> {
         let room = message.room().clone();
         let current = match self.logs.get(&room) {
             Some(state) => state.clone(),
@@ -97,6 +98,7 @@ impl KeeperCore {
             }
         };
         let me = self.me.clone();
+        let mut effects = Vec::new();
         let effect = match message {
             ToKeeper::Promise {
                 room,
@@ -104,11 +106,28 @@ impl KeeperCore {
                 placement,
             } => {
                 let Some(claimer) = placement.nodes.first().cloned() else {
-                    return Ok(None);
+                    return Ok(effects);
                 };
                 match log::promise(&current, epoch, &placement) {
                     Some(next) => {
                         self.logs.insert(room.clone(), next.clone());
+                        // The owner of the epoch promised before is fenced from now on: tell it,
+                        // so that it stops serving (it may have nothing to write, and would
+                        // learn it only from a refused append).
+                        if let Some(previous) = current.placement.as_ref()
+                            && let Some(owner) = previous.nodes.first()
+                            && *owner != claimer
+                        {
+                            effects.push(KeeperEffect::Answer {
+                                room: room.clone(),
+                                to: owner.clone(),
+                                answer: ToRoom::Appended {
+                                    epoch: previous.epoch,
+                                    node: me.clone(),
+                                    outcome: AppendOutcome::Fenced { promised: epoch },
+                                },
+                            });
+                        }
                         KeeperEffect::Write {
                             write: Write::Log {
                                 room: room.clone(),
@@ -150,7 +169,7 @@ impl KeeperCore {
                 adopted,
             } => {
                 let Some(owner) = placement.nodes.first().cloned() else {
-                    return Ok(None);
+                    return Ok(effects);
                 };
                 let append = log::Append {
                     epoch,
@@ -218,7 +237,8 @@ impl KeeperCore {
                 to_seq: to_seq.min(from_seq.saturating_add(FETCH_MAX_ENTRIES - 1)),
             },
         };
-        Ok(Some(effect))
+        effects.push(effect);
+        Ok(effects)
     }
 
     /// A queued write of `room` failed: its cached state may be ahead of the disk; it is read
@@ -288,8 +308,7 @@ impl Actor for LogKeeper {
             KeeperMessage::Peer(message) => {
                 let store = &state.args.store;
                 // A read error means the disk is failing: stop and let the supervisor decide.
-                let effect = state.core.on(message, |room| store.log_state(room))?;
-                if let Some(effect) = effect {
+                for effect in state.core.on(message, |room| store.log_state(room))? {
                     state.carry_out(&myself, effect);
                 }
             }
@@ -386,10 +405,10 @@ mod tests {
         Ok(LogState::default())
     }
 
-    fn answer(effect: Option<KeeperEffect>) -> ToRoom {
-        match effect {
+    fn answer(effects: Vec<KeeperEffect>) -> ToRoom {
+        match effects.last() {
             Some(KeeperEffect::Write { answer, .. } | KeeperEffect::Answer { answer, .. }) => {
-                answer
+                answer.clone()
             }
             other => panic!("no answer: {other:?}"),
         }
@@ -405,16 +424,44 @@ mod tests {
         };
         let first = keeper.on(promise.clone(), empty).unwrap();
         assert!(
-            matches!(&first, Some(KeeperEffect::Write { to, answer: ToRoom::Promised { granted: true, .. }, .. }) if *to == node("a"))
+            matches!(first.as_slice(), [KeeperEffect::Write { to, answer: ToRoom::Promised { granted: true, .. }, .. }] if *to == node("a"))
         );
         let again = keeper.on(promise, |_| panic!("cached")).unwrap();
         assert!(matches!(
-            again,
-            Some(KeeperEffect::Answer {
+            again.as_slice(),
+            [KeeperEffect::Answer {
                 answer: ToRoom::Promised { granted: false, .. },
                 ..
-            })
+            }]
         ));
+        // A newer claim by another node: the owner of epoch 3 is told it is fenced.
+        let newer = ToKeeper::Promise {
+            room: room(),
+            epoch: 5,
+            placement: Placement {
+                epoch: 5,
+                nodes: vec![node("c"), node("b")],
+            },
+        };
+        let effects = keeper.on(newer, |_| panic!("cached")).unwrap();
+        assert!(
+            matches!(
+                effects.as_slice(),
+                [
+                    KeeperEffect::Answer {
+                        to,
+                        answer: ToRoom::Appended {
+                            epoch: 3,
+                            outcome: AppendOutcome::Fenced { promised: 5 },
+                            ..
+                        },
+                        ..
+                    },
+                    KeeperEffect::Write { .. }
+                ] if *to == node("a")
+            ),
+            "{effects:?}"
+        );
     }
 
     #[test]
@@ -498,12 +545,12 @@ mod tests {
             .unwrap();
         assert_eq!(
             effect,
-            Some(KeeperEffect::Fetch {
+            vec![KeeperEffect::Fetch {
                 room: room(),
                 to: node("a"),
                 from_seq: 10,
                 to_seq: 10 + FETCH_MAX_ENTRIES - 1,
-            })
+            }]
         );
     }
 }

@@ -18,7 +18,8 @@
 //!   beyond them while that matches the owner's log, and drops the rest. A copy that holds the
 //!   owner's log up to the point the owner adopted is labelled with the owner's epoch.
 //! - **Commit rule**: the owner counts an entry committed only when every node of its placement
-//!   (a majority of the known members, [`placement_size`]) has acknowledged it under the owner's
+//!   (at least a majority of the known members: `View::room_placement`) has acknowledged it
+//!   under the owner's
 //!   own epoch and has been brought up to the adopted log. Entries adopted from earlier epochs
 //!   are therefore committed only once they are stored under the new epoch, as in Raft.
 //!
@@ -84,13 +85,6 @@ pub struct Applied {
     pub state: LogState,
     /// Stored entries after this seq must be dropped (they are not the owner's).
     pub truncate_after: Option<u64>,
-}
-
-/// How many nodes hold a room's log: the replication factor, but at least a majority of the
-/// `known` members, so that every claim (which needs a majority) hears from a node that
-/// acknowledged every committed entry.
-pub fn placement_size(replication_factor: usize, known: usize) -> usize {
-    replication_factor.max(known / 2 + 1)
 }
 
 /// Grants a promise of `epoch` if it is higher than every epoch promised before.
@@ -390,16 +384,6 @@ mod tests {
         (from..=to)
             .map(|seq| entries(seq, seq, epoch_at(state, seq).unwrap()).remove(0))
             .collect()
-    }
-
-    #[test]
-    fn placements_are_at_least_a_majority_of_the_known_members() {
-        assert_eq!(placement_size(2, 1), 2);
-        assert_eq!(placement_size(2, 3), 2);
-        assert_eq!(placement_size(2, 4), 3);
-        assert_eq!(placement_size(2, 5), 3);
-        assert_eq!(placement_size(3, 5), 3);
-        assert_eq!(placement_size(1, 9), 5);
     }
 
     #[test]

@@ -14,7 +14,8 @@ use chat_protocol::{NodeName, PresenceEvent, UserName};
 #[derive(Debug, Default)]
 pub struct Members {
     by_user: BTreeMap<UserName, HashSet<(NodeName, SessionId)>>,
-    by_node: HashMap<NodeName, HashMap<SessionId, UserName>>,
+    /// Ordered by node, so that what is sent to each node goes out in a deterministic order.
+    by_node: BTreeMap<NodeName, HashMap<SessionId, UserName>>,
 }
 
 impl Members {
