@@ -24,6 +24,32 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// How long any single expected event may take.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Reports that the calling test cannot run on this machine: it is printed (`SKIPPED <test>:
+/// <why>`) and appended to the file named by `CHAT_SKIPPED_LOG`, which `tests/run` counts and
+/// lists at the end. Where every suite must run (`CI=true`: CI machines have root and Docker),
+/// a skip is a failure.
+pub fn skip(why: &str) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("unnamed test")
+        .to_owned();
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test} cannot run here ({why}); on CI every suite must run"
+    );
+    println!("SKIPPED {test}: {why}");
+    if let Ok(path) = std::env::var("CHAT_SKIPPED_LOG") {
+        use std::io::Write as _;
+        if let Ok(mut log) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(log, "{test}: {why}");
+        }
+    }
+}
+
 /// A port nobody listens on right now (on `ip`).
 pub fn free_port(ip: &str) -> u16 {
     TcpListener::bind((ip, 0))

@@ -34,9 +34,9 @@
 //! (which takes their veths with them) and the root namespace's veth. Namespaces left behind by
 //! a test process that died without unwinding (SIGKILL) are removed by the next run.
 //!
-//! **Skip.** Without root, or where `ip netns` does not work, [`NetCluster::start`] prints
-//! `skipped: needs root and ip netns` and returns `None`: CI machines have root, a developer's
-//! may not.
+//! **Skip.** Without root, or where `ip netns` does not work, [`NetCluster::start`] reports the
+//! test skipped ([`super::skip`]: printed and counted by `tests/run`; a failure on CI, which
+//! has root) and returns `None`.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -56,8 +56,8 @@ pub const CLUSTER_PORT: u16 = 7000;
 /// Time between the launches of two nodes by [`NetCluster::start`] (the heartbeat interval is
 /// 200 ms: nodes tick 70 ms and 140 ms apart).
 pub const LAUNCH_STAGGER: Duration = Duration::from_millis(70);
-/// The line printed when the tests cannot run here.
-pub const SKIPPED: &str = "skipped: needs root and ip netns";
+/// Why the tests cannot run here.
+const NEEDS: &str = "needs root and ip netns";
 /// Namespaces of this harness are named `chatnet-<pid>-<k>-…`.
 const NS_PREFIX: &str = "chatnet-";
 
@@ -208,7 +208,7 @@ pub struct NetCluster {
 
 impl NetCluster {
     /// Creates the namespaces of `size` nodes on `10.213.{subnet}.0/24`, starts every node and
-    /// waits until they form one cluster; `None` (after printing [`SKIPPED`]) when namespaces
+    /// waits until they form one cluster; `None` (after reporting the test skipped) when namespaces
     /// cannot be made here.
     ///
     /// The nodes are launched [`LAUNCH_STAGGER`] apart, so that their heartbeat ticks are out of
@@ -227,16 +227,16 @@ impl NetCluster {
         Some(cluster)
     }
 
-    /// Creates the namespaces without starting any node; `None` (after printing [`SKIPPED`])
+    /// Creates the namespaces without starting any node; `None` (after reporting the test skipped)
     /// when namespaces cannot be made here.
     pub fn plan(subnet: u8, size: usize) -> Option<NetCluster> {
         assert!((1..=250).contains(&size), "size {size}");
         if !is_root() {
-            println!("{SKIPPED} (not root)");
+            super::skip(&format!("{NEEDS}: not root"));
             return None;
         }
         if let Err(e) = run(&["ip", "netns", "list"]) {
-            println!("{SKIPPED} ({e})");
+            super::skip(&format!("{NEEDS}: {e}"));
             return None;
         }
         remove_stale();
@@ -260,7 +260,7 @@ impl NetCluster {
         let net = match Net::create(subnet, size) {
             Ok(net) => net,
             Err(e) => {
-                println!("{SKIPPED} ({e})");
+                super::skip(&format!("{NEEDS}: {e}"));
                 return None;
             }
         };
