@@ -118,7 +118,12 @@ impl Actor for Hub {
         ));
         myself.send_interval(TICK, || HubMessage::Tick);
         let view = args.views.borrow().clone();
-        let core = HubCore::new(args.net.me().clone(), view, args.request_timeout);
+        let core = HubCore::new(
+            args.net.me().clone(),
+            view,
+            args.request_timeout,
+            rand::random(),
+        );
         let mut state = HubState {
             core,
             net: args.net,

@@ -58,7 +58,7 @@ use crate::metrics::Metrics;
 use crate::net::Net;
 use crate::rooms::core::RoomConfig;
 use crate::settings::Settings;
-use crate::store::{Store, Writer};
+use crate::store::{Memory, Store, Writer};
 use crate::supervisor::{Root, RootArgs, RootMessage};
 
 /// A running node.
@@ -129,6 +129,10 @@ pub async fn start_node(settings: Settings) -> anyhow::Result<NodeHandle> {
             },
         })
         .map(|config| (config, socket));
+    }
+    if cluster.is_none() && store.memory() != Memory::Intact {
+        // Alone, a node has nobody else's copies to compare with: a new store is just new.
+        store.set_memory(Memory::Intact)?;
     }
     let (views_tx, views) = watch::channel(Arc::new(view));
     let cluster = cluster.map(|(config, socket)| ClusterArgs {

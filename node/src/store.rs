@@ -17,6 +17,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
@@ -93,10 +94,35 @@ impl Write {
 /// The completion of a write: called on the writer thread once the write is durable (or failed).
 pub type Done = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
+/// What a node's store remembers of the node's past (a fact kept in the store).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Memory {
+    /// The store has been with the node all along.
+    Intact = 0,
+    /// The store was created empty on this node: the node is new, or lost its disk; its peers
+    /// tell which (they knew an earlier life of it, or not).
+    Unknown = 1,
+    /// The node lost its disk: its copies of room logs may lack what it once acknowledged, so
+    /// a copy it was not brought up to date for since does not count in claims.
+    Lost = 2,
+}
+
+impl Memory {
+    /// Whether copies this node was not synced for since may have forgotten acknowledged
+    /// entries.
+    pub fn doubtful(self) -> bool {
+        self != Memory::Intact
+    }
+}
+
+/// The store key of the [`Memory`] fact.
+const MEMORY_KEY: &str = "memory";
+
 /// The durable store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
+    memory: Arc<AtomicU8>,
 }
 
 impl std::fmt::Debug for Store {
@@ -106,21 +132,51 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens (or creates) the database in `dir`.
+    /// Opens (or creates) the database in `dir`. A database created here starts with its
+    /// [`Memory`] unknown: the node may be new, or may have lost its disk.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StoreError::Db(format!("create {}: {e}", dir.display())))?;
         let path = dir.join("chat.redb");
+        let fresh = !path.exists();
         let db = Database::create(&path)
             .map_err(|e| StoreError::Db(format!("open {}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(db_err)?;
-        {
+        let memory = {
             txn.open_table(ENTRIES).map_err(db_err)?;
             txn.open_table(LOGS).map_err(db_err)?;
-            txn.open_table(NODE).map_err(db_err)?;
-        }
+            let mut node = txn.open_table(NODE).map_err(db_err)?;
+            if fresh {
+                node.insert(MEMORY_KEY, encode(&Memory::Unknown)?.as_slice())
+                    .map_err(db_err)?;
+            }
+            // Stores from before this fact existed remember their past.
+            match node.get(MEMORY_KEY).map_err(db_err)? {
+                Some(value) => decode(value.value())?,
+                None => Memory::Intact,
+            }
+        };
         txn.commit().map_err(db_err)?;
-        Ok(Store { db: Arc::new(db) })
+        Ok(Store {
+            db: Arc::new(db),
+            memory: Arc::new(AtomicU8::new(memory as u8)),
+        })
+    }
+
+    /// What this node's store remembers of its past.
+    pub fn memory(&self) -> Memory {
+        match self.memory.load(Ordering::Relaxed) {
+            0 => Memory::Intact,
+            1 => Memory::Unknown,
+            _ => Memory::Lost,
+        }
+    }
+
+    /// Records what the membership found out about this store's past (also durably).
+    pub fn set_memory(&self, memory: Memory) -> Result<(), StoreError> {
+        self.apply(&[Write::node(MEMORY_KEY, &memory)?])?;
+        self.memory.store(memory as u8, Ordering::Relaxed);
+        Ok(())
     }
 
     /// This node's log state for `room` (the default state when it holds nothing).

@@ -45,7 +45,7 @@ pub struct Entry {
 }
 
 /// Which nodes hold a room's log for one epoch: the owner first, then the replicas.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Placement {
     /// The epoch this placement belongs to.
     pub epoch: Epoch,
@@ -54,7 +54,7 @@ pub struct Placement {
 }
 
 /// A stretch of a log written under one epoch: entries from `first_seq` up to the next run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Run {
     /// The epoch of every entry in the run.
     pub epoch: Epoch,
@@ -63,7 +63,7 @@ pub struct Run {
 }
 
 /// What a node holds of a room's log: its answer to a promise request.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LogState {
     /// The highest epoch promised.
     pub promised: Epoch,
@@ -313,8 +313,12 @@ pub enum ToRoom {
         granted: bool,
         /// The answering node.
         node: NodeName,
-        /// The answering node's log.
+        /// The answering node's copy; its `placement` is the one it recorded before this promise
+        /// (the latest it heard of).
         state: LogState,
+        /// The answering node lost its disk and has not been brought up to date for this room
+        /// since: its copy may lack what it once acknowledged.
+        recovering: bool,
     },
     /// A log keeper's answer to [`ToKeeper::Append`] (once the entries are durable when they
     /// were stored).
@@ -551,6 +555,10 @@ pub enum HeartbeatKind {
     Ack {
         /// The ping's nonce.
         nonce: u64,
+        /// Whether the answering member knew an earlier life of the pinger (an older
+        /// incarnation, or its name from before the answerer's own restart): a pinger whose
+        /// store is new learns from this that it lost its disk.
+        knew_you: bool,
     },
     /// The sender is shutting down: drop it at once.
     Leave,

@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 use chat_protocol::NodeName;
 use chat_protocol::peer::{Heartbeat, HeartbeatKind, MemberInfo};
 
+use crate::store::Memory;
+
 /// Pings remembered per member while waiting for their acks.
 const OUTSTANDING_MAX: usize = 64;
 
@@ -62,10 +64,13 @@ struct Peer {
     lease_until: Option<Instant>,
     outstanding: VecDeque<(u64, Instant)>,
     left: bool,
+    /// This node knew an earlier life of the member (told to it in acks: a member whose store
+    /// is new learns from this that it lost its disk).
+    earlier: bool,
 }
 
 impl Peer {
-    fn new(info: MemberInfo) -> Peer {
+    fn new(info: MemberInfo, earlier: bool) -> Peer {
         Peer {
             info,
             alive: false,
@@ -73,6 +78,7 @@ impl Peer {
             lease_until: None,
             outstanding: VecDeque::new(),
             left: false,
+            earlier,
         }
     }
 }
@@ -100,6 +106,11 @@ pub struct Detector {
     bootstrapped: bool,
     heard_other: bool,
     next_nonce: u64,
+    /// The members known from this node's store when it started (a previous life of ours).
+    remembered: BTreeSet<NodeName>,
+    memory: Memory,
+    /// Members that answered without knowing an earlier life of this node.
+    strangers: BTreeSet<NodeName>,
 }
 
 impl Detector {
@@ -111,6 +122,8 @@ impl Detector {
         bootstrapped: bool,
     ) -> Detector {
         let mut known: BTreeSet<NodeName> = known.into_iter().collect();
+        let mut remembered = known.clone();
+        remembered.remove(&me.name);
         known.insert(me.name.clone());
         Detector {
             next_nonce: me.incarnation.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
@@ -120,6 +133,35 @@ impl Detector {
             known,
             bootstrapped,
             heard_other: false,
+            remembered,
+            memory: Memory::Intact,
+            strangers: BTreeSet::new(),
+        }
+    }
+
+    /// Starts from what this node's store remembers of its past: with a store created empty
+    /// ([`Memory::Unknown`]) the detector finds out from the members' answers whether the node
+    /// is new (nobody knew it) or lost its disk (somebody knew an earlier life of it).
+    pub fn with_memory(mut self, memory: Memory) -> Detector {
+        self.memory = memory;
+        self.resolve_memory();
+        self
+    }
+
+    /// What this node's store remembers of its past, as found out so far.
+    pub fn memory(&self) -> Memory {
+        self.memory
+    }
+
+    fn resolve_memory(&mut self) {
+        // New when a majority of the known members (and enough to bootstrap) answered without
+        // knowing us; one that knew us settles it the other way (in `observe`).
+        let answered = self.strangers.len() + 1;
+        if self.memory == Memory::Unknown
+            && answered > self.known.len() / 2
+            && answered >= self.config.bootstrap_expect
+        {
+            self.memory = Memory::Intact;
         }
     }
 
@@ -217,14 +259,17 @@ impl Detector {
         for member in heartbeat.members {
             if member.name != self.me.name && !self.peers.contains_key(&member.name) {
                 self.known.insert(member.name.clone());
-                self.peers.insert(member.name.clone(), Peer::new(member));
+                let earlier = self.remembered.contains(&member.name);
+                self.peers
+                    .insert(member.name.clone(), Peer::new(member, earlier));
                 observed.changed = true;
             }
         }
+        let remembered = self.remembered.contains(&from.name);
         let peer = self
             .peers
             .entry(from.name.clone())
-            .or_insert_with(|| Peer::new(from.clone()));
+            .or_insert_with(|| Peer::new(from.clone(), remembered));
         if from.incarnation < peer.info.incarnation {
             // A datagram from the member's previous life, delayed.
             return observed;
@@ -233,7 +278,7 @@ impl Detector {
             if peer.alive || peer.left {
                 observed.restarted = Some(from.name.clone());
             }
-            *peer = Peer::new(from.clone());
+            *peer = Peer::new(from.clone(), true);
             observed.changed = true;
         } else if peer.left {
             // A datagram it sent before it left, delayed past its leave: it must not bring it
@@ -251,12 +296,23 @@ impl Detector {
             HeartbeatKind::Ping { nonce } => {
                 observed.reply = Some(Heartbeat {
                     from: self.me.clone(),
-                    kind: HeartbeatKind::Ack { nonce },
+                    kind: HeartbeatKind::Ack {
+                        nonce,
+                        knew_you: peer.earlier,
+                    },
                     members: Vec::new(),
                     departed: Vec::new(),
                 });
             }
-            HeartbeatKind::Ack { nonce } => {
+            HeartbeatKind::Ack { nonce, knew_you } => {
+                if self.memory == Memory::Unknown {
+                    if knew_you {
+                        self.memory = Memory::Lost;
+                    } else {
+                        self.strangers.insert(from.name.clone());
+                    }
+                    observed.changed = true;
+                }
                 if let Some(i) = peer.outstanding.iter().position(|(n, _)| *n == nonce) {
                     let sent = peer.outstanding[i].1;
                     peer.outstanding.drain(..=i);
@@ -289,6 +345,7 @@ impl Detector {
             self.bootstrapped = true;
             observed.changed = true;
         }
+        self.resolve_memory();
         observed
     }
 
@@ -311,7 +368,8 @@ impl Detector {
             None => {
                 // Known from a previous life only (or not at all): it left meanwhile.
                 self.known.remove(&member.name);
-                let mut peer = Peer::new(member.clone());
+                let earlier = self.remembered.contains(&member.name);
+                let mut peer = Peer::new(member.clone(), earlier);
                 peer.left = true;
                 self.peers.insert(member.name, peer);
                 true
@@ -438,7 +496,10 @@ mod tests {
             if let Some((_, inc)) = answering.iter().find(|(n, _)| *n == name) {
                 let ack = Heartbeat {
                     from: info(name, *inc),
-                    kind: HeartbeatKind::Ack { nonce },
+                    kind: HeartbeatKind::Ack {
+                        nonce,
+                        knew_you: false,
+                    },
                     members: Vec::new(),
                     departed: Vec::new(),
                 };
@@ -522,7 +583,10 @@ mod tests {
             d.observe(
                 Heartbeat {
                     from: info(name, 1),
-                    kind: HeartbeatKind::Ack { nonce },
+                    kind: HeartbeatKind::Ack {
+                        nonce,
+                        knew_you: false,
+                    },
                     members: Vec::new(),
                     departed: Vec::new(),
                 },

@@ -153,6 +153,7 @@ impl Actor for Membership {
         if !args.seeds.is_empty() {
             detector.expect_peers();
         }
+        let detector = detector.with_memory(args.store.memory());
         let mut tasks = Tasks::default();
         tasks.add(forward(args.net.links_changed(), myself.clone(), |_| {
             MembershipMessage::LinksChanged
@@ -286,7 +287,8 @@ impl MembershipState {
                 self.args.config,
                 self.detector.known().iter().cloned(),
                 self.detector.bootstrapped(),
-            );
+            )
+            .with_memory(self.detector.memory());
             self.args.seeds.clear();
         }
     }
@@ -314,6 +316,7 @@ impl MembershipState {
             self.publish();
         } else {
             // The quorum depends on leases expiring with time: re-evaluate every tick.
+            self.sync_memory();
             self.publish_if_changed();
         }
     }
@@ -380,7 +383,20 @@ impl MembershipState {
         }
     }
 
+    /// Records what the members' answers told about this node's store (new node, or lost
+    /// disk): the log keeper reads it for every promise.
+    fn sync_memory(&self) {
+        let memory = self.detector.memory();
+        if memory != self.args.store.memory() {
+            match self.args.store.set_memory(memory) {
+                Ok(()) => tracing::warn!(?memory, "found out what this node's new store means"),
+                Err(e) => tracing::error!(error = %e, "recording the store's memory failed"),
+            }
+        }
+    }
+
     fn publish(&mut self) {
+        self.sync_memory();
         // Tell the links which peers to hold sessions with (every alive member).
         let desired = self
             .detector

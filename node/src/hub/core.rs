@@ -181,13 +181,21 @@ pub struct HubCore {
 
 impl HubCore {
     /// A hub for node `me`, starting empty: it tells rooms and directories that whatever they
-    /// hold about this node's connections (from before a restart) is stale.
-    pub fn new(me: NodeName, view: Arc<View>, request_timeout: Duration) -> HubCore {
+    /// hold about this node's connections (from before a restart) is stale. Request ids start at
+    /// `first_req` (random in the node): a reply that reaches a restarted hub late, for a request
+    /// of its previous life, must not match one of this life.
+    pub fn new(
+        me: NodeName,
+        view: Arc<View>,
+        request_timeout: Duration,
+        first_req: u64,
+    ) -> HubCore {
         let mut core = HubCore {
             me,
             request_timeout,
             view,
-            next_req: 1,
+            // Never 0 (the id of requests nobody waits for), and far from wrapping.
+            next_req: (first_req >> 2).max(1),
             sessions: HashMap::new(),
             users: HashMap::new(),
             rooms: HashMap::new(),
@@ -890,6 +898,7 @@ mod tests {
             node("a"),
             view(&["a", "b", "c"], 1, 1),
             Duration::from_secs(5),
+            1,
         );
         hub.register(1, user("alice"));
         let op = RoomOp::Join {
@@ -1131,6 +1140,7 @@ mod tests {
             node("a"),
             view(&["a", "b", "c"], 1, 1),
             Duration::from_secs(5),
+            1,
         );
         hub.register(1, user("alice"));
         hub.take_effects();

@@ -151,6 +151,8 @@ enum Phase {
     /// Waiting for promises.
     Claiming {
         answers: Vec<(NodeName, LogState)>,
+        /// Answerers that lost their disk and were not synced for the room since.
+        recovering: Vec<NodeName>,
         waiting: HashSet<NodeName>,
         since: Instant,
     },
@@ -402,7 +404,8 @@ impl RoomCore {
                 granted,
                 node,
                 state,
-            } => self.on_promised(epoch, granted, node, state, now),
+                recovering,
+            } => self.on_promised(epoch, granted, node, state, recovering, now),
             ToRoom::Appended {
                 epoch,
                 node,
@@ -582,6 +585,7 @@ impl RoomCore {
         tracing::debug!(room = %self.id, epoch = self.epoch, placement = ?self.placement.nodes, "claiming");
         self.phase = Phase::Claiming {
             answers: Vec::new(),
+            recovering: Vec::new(),
             waiting: up.into_iter().collect(),
             since: now,
         };
@@ -593,11 +597,15 @@ impl RoomCore {
         granted: bool,
         node: NodeName,
         state: LogState,
+        lost_disk: bool,
         now: Instant,
     ) {
         self.highest_epoch = self.highest_epoch.max(state.promised);
         let Phase::Claiming {
-            answers, waiting, ..
+            answers,
+            recovering,
+            waiting,
+            ..
         } = &mut self.phase
         else {
             return;
@@ -615,6 +623,9 @@ impl RoomCore {
             return;
         }
         waiting.remove(&node);
+        if lost_disk {
+            recovering.push(node.clone());
+        }
         if node == self.me {
             // Our own answer goes first: `log::best` favours the first of equals (no copy).
             answers.insert(0, (node, state));
@@ -623,20 +634,19 @@ impl RoomCore {
         }
         if waiting.is_empty() {
             let answers = std::mem::take(answers);
-            self.finish_claim(answers, now);
+            let recovering = std::mem::take(recovering);
+            self.finish_claim(answers, &recovering, now);
         }
     }
 
-    fn finish_claim(&mut self, answers: Vec<(NodeName, LogState)>, now: Instant) {
-        let majority = self.view.members.len() / 2 + 1;
-        if answers.len() < majority {
-            self.phase = Phase::Blocked {
-                until: now + Duration::from_millis(500),
-            };
-            return;
-        }
-        if !log::covers_latest_placement(&answers) {
-            tracing::warn!(room = %self.id, "no node of the room's latest placement answered; waiting");
+    fn finish_claim(
+        &mut self,
+        answers: Vec<(NodeName, LogState)>,
+        recovering: &[NodeName],
+        now: Instant,
+    ) {
+        if !log::quorum_holds(&answers, recovering, self.view.members.len()) {
+            tracing::warn!(room = %self.id, ?recovering, "too few nodes with intact disks answered (or none of the room's latest placement); waiting");
             Metrics::count(&self.metrics.room_claims, "blocked");
             self.phase = Phase::Blocked {
                 until: now + Duration::from_secs(1),
@@ -1548,7 +1558,7 @@ mod tests {
             let disk = self.disks[at].clone();
             let keeper = self.keepers.get_mut(at).unwrap();
             let effects = keeper
-                .on(message, |room| {
+                .on(message, false, |room| {
                     Ok(disk
                         .lock()
                         .unwrap()

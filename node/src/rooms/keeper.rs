@@ -81,11 +81,13 @@ impl KeeperCore {
     }
 
     /// Handles a request from an owner; `load` reads a room's state from the store the first
-    /// time the room is seen (an error there means the disk is failing). Returns what to do, in
-    /// order.
+    /// time the room is seen (an error there means the disk is failing). `lost_disk` says that
+    /// this node's store may have forgotten what it once held ([`crate::store::Memory`]).
+    /// Returns what to do, in order.
     pub fn on(
         &mut self,
         message: ToKeeper,
+        lost_disk: bool,
         load: impl FnOnce(&RoomId) -> Result<LogState, StoreError>,
     ) -> Result<Vec<KeeperEffect>, StoreError> {
         let room = message.room().clone();
@@ -141,7 +143,12 @@ impl KeeperCore {
                                 epoch,
                                 granted: true,
                                 node: me,
-                                state: next,
+                                // What it held, and the placement it knew, before this claim.
+                                recovering: lost_disk && next.synced == 0,
+                                state: LogState {
+                                    placement: current.placement.clone(),
+                                    ..next
+                                },
                             },
                         }
                     }
@@ -152,6 +159,7 @@ impl KeeperCore {
                             epoch,
                             granted: false,
                             node: me,
+                            recovering: lost_disk && current.synced == 0,
                             state: current,
                         },
                     },
@@ -308,7 +316,11 @@ impl Actor for LogKeeper {
             KeeperMessage::Peer(message) => {
                 let store = &state.args.store;
                 // A read error means the disk is failing: stop and let the supervisor decide.
-                for effect in state.core.on(message, |room| store.log_state(room))? {
+                let lost_disk = store.memory().doubtful();
+                for effect in state
+                    .core
+                    .on(message, lost_disk, |room| store.log_state(room))?
+                {
                     state.carry_out(&myself, effect);
                 }
             }
@@ -422,11 +434,11 @@ mod tests {
             epoch: 3,
             placement: placement(3),
         };
-        let first = keeper.on(promise.clone(), empty).unwrap();
+        let first = keeper.on(promise.clone(), false, empty).unwrap();
         assert!(
             matches!(first.as_slice(), [KeeperEffect::Write { to, answer: ToRoom::Promised { granted: true, .. }, .. }] if *to == node("a"))
         );
-        let again = keeper.on(promise, |_| panic!("cached")).unwrap();
+        let again = keeper.on(promise, false, |_| panic!("cached")).unwrap();
         assert!(matches!(
             again.as_slice(),
             [KeeperEffect::Answer {
@@ -443,7 +455,7 @@ mod tests {
                 nodes: vec![node("c"), node("b")],
             },
         };
-        let effects = keeper.on(newer, |_| panic!("cached")).unwrap();
+        let effects = keeper.on(newer, false, |_| panic!("cached")).unwrap();
         assert!(
             matches!(
                 effects.as_slice(),
@@ -472,7 +484,7 @@ mod tests {
             epoch: 2,
             placement: placement(2),
         };
-        keeper.on(promise, empty).unwrap();
+        keeper.on(promise, false, empty).unwrap();
         let append = |epoch: u64| ToKeeper::Append {
             room: room(),
             epoch,
@@ -487,7 +499,7 @@ mod tests {
             }],
             adopted: 0,
         };
-        let stored = keeper.on(append(2), empty).unwrap();
+        let stored = keeper.on(append(2), false, empty).unwrap();
         assert!(matches!(
             answer(stored),
             ToRoom::Appended {
@@ -496,14 +508,14 @@ mod tests {
             }
         ));
         assert!(matches!(
-            answer(keeper.on(append(1), empty).unwrap()),
+            answer(keeper.on(append(1), false, empty).unwrap()),
             ToRoom::Appended {
                 outcome: AppendOutcome::Fenced { promised: 2 },
                 ..
             }
         ));
         assert!(matches!(
-            answer(keeper.on(append(4), empty).unwrap()),
+            answer(keeper.on(append(4), false, empty).unwrap()),
             ToRoom::Appended {
                 outcome: AppendOutcome::NotPromised { promised: 2 },
                 ..
@@ -520,6 +532,7 @@ mod tests {
                     from_seq: 1,
                     to_seq: 5000,
                 },
+                false,
                 |_| {
                     loaded = true;
                     Ok(LogState::default())
@@ -540,6 +553,7 @@ mod tests {
                     from_seq: 10,
                     to_seq: 1_000_000,
                 },
+                false,
                 empty,
             )
             .unwrap();

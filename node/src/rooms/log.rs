@@ -11,8 +11,8 @@
 //!   most once and only if it is higher than any it promised before; from then on it refuses
 //!   writes of any other epoch. That is the fence: an owner that lost the room (frozen, cut off)
 //!   can no longer get a write stored by a node that promised the new epoch.
-//! - With a majority of promises in hand, the claimer adopts the [`best`] copy: the highest sync
-//!   label, then the longest.
+//! - With a majority of promises in hand ([`quorum_holds`]), the claimer adopts the [`best`]
+//!   copy: the highest sync label, then the longest.
 //! - The owner writes with [`append`]: a copy accepts only the epoch it promised and only entries
 //!   that follow an entry it holds with the same epoch (log matching); it keeps what it holds
 //!   beyond them while that matches the owner's log, and drops the rest. A copy that holds the
@@ -293,22 +293,35 @@ pub fn best(answers: &[(NodeName, LogState)]) -> Option<&(NodeName, LogState)> {
     })
 }
 
-/// Whether a claim may proceed with these answers: at least one node of the latest placement
-/// any answerer knows must be among the answerers. With placements of a majority this holds for
-/// any majority of the same members; it keeps a claim waiting when the known members changed
-/// (a node joined while others were away) rather than adopting a copy that may lack entries.
-pub fn covers_latest_placement(answers: &[(NodeName, LogState)]) -> bool {
+/// Whether a claim may adopt a copy from these answers (each with the placement the answerer
+/// recorded before the claim; `recovering` names the answerers that lost their disk and were not
+/// synced for the room since), among `members` known members. The promises must come from a
+/// majority. The copies must be trustworthy: a recovering node may have forgotten entries it
+/// acknowledged and the placements it was in with them, so its copy proves nothing. Every
+/// placement is a majority of the members known when it was made, so with the members unchanged
+/// any `members - majority + 1` intact nodes meet every placement, the latest one included, and
+/// the best of their copies holds everything committed. Let `L` be the latest placement any
+/// answerer heard of: one intact answer must come from a node of `L` (this covers a change of
+/// the known members: a node joined while others were away). Otherwise the claim waits rather
+/// than adopt a copy that may lack acknowledged entries.
+pub fn quorum_holds(
+    answers: &[(NodeName, LogState)],
+    recovering: &[NodeName],
+    members: usize,
+) -> bool {
+    let majority = members / 2 + 1;
     let latest = answers
         .iter()
         .filter_map(|(_, state)| state.placement.as_ref())
         .max_by_key(|placement| placement.epoch);
-    match latest {
-        None => true,
-        Some(placement) => placement
-            .nodes
-            .iter()
-            .any(|node| answers.iter().any(|(answerer, _)| answerer == node)),
-    }
+    let intact: Vec<&NodeName> = answers
+        .iter()
+        .map(|(node, _)| node)
+        .filter(|node| !recovering.contains(node))
+        .collect();
+    answers.len() >= majority
+        && intact.len() > members - majority
+        && latest.is_none_or(|latest| intact.iter().any(|n| latest.nodes.contains(n)))
 }
 
 /// The commit point of an owner: the highest seq stored by every node of its placement.
@@ -585,17 +598,71 @@ mod tests {
     }
 
     #[test]
-    fn a_claim_must_reach_the_latest_placement() {
+    fn a_claim_must_reach_an_intact_node_of_the_latest_placement() {
         let mut a = log(&[(1, 2)]);
         a.placement = Some(placement(4, &["x", "y"]));
         let mut b = log(&[(1, 2)]);
         b.placement = Some(placement(3, &["b", "c"]));
-        assert!(!covers_latest_placement(&[
-            (node("b"), b.clone()),
-            (node("a"), a.clone())
-        ]));
-        assert!(covers_latest_placement(&[(node("b"), b), (node("y"), a)]));
-        assert!(covers_latest_placement(&[(node("n"), LogState::default())]));
+        let none: &[NodeName] = &[];
+        assert!(!quorum_holds(
+            &[(node("b"), b.clone()), (node("a"), a.clone())],
+            none,
+            3
+        ));
+        assert!(quorum_holds(
+            &[(node("b"), b.clone()), (node("y"), a.clone())],
+            none,
+            3
+        ));
+        assert!(quorum_holds(&[(node("n"), LogState::default())], none, 1));
+        assert!(!quorum_holds(&[(node("n"), LogState::default())], none, 3));
+        // y lost its disk: it does not count, nor stand for the latest placement.
+        let y_lost = [node("y")];
+        assert!(!quorum_holds(
+            &[(node("b"), b.clone()), (node("y"), a.clone())],
+            &y_lost,
+            3
+        ));
+        // Nor one outside the latest placement the others know: it may have been in a later one.
+        let b_lost = [node("b")];
+        assert!(!quorum_holds(
+            &[(node("b"), b.clone()), (node("y"), a.clone())],
+            &b_lost,
+            3
+        ));
+        assert!(quorum_holds(
+            &[
+                (node("b"), b.clone()),
+                (node("y"), a.clone()),
+                (node("x"), a.clone())
+            ],
+            &b_lost,
+            3
+        ));
+        // Of four members, two intact answers meet every placement (three of four): two nodes
+        // that lost their disks may promise with them.
+        let two_lost = [node("b"), node("c")];
+        let four = |lost: &[NodeName]| {
+            quorum_holds(
+                &[
+                    (node("b"), b.clone()),
+                    (node("c"), b.clone()),
+                    (node("x"), a.clone()),
+                    (node("y"), a.clone()),
+                ],
+                lost,
+                4,
+            )
+        };
+        assert!(four(&two_lost));
+        assert!(!four(&[node("b"), node("c"), node("x")]));
+        // Of five, three.
+        let answers: Vec<(NodeName, LogState)> = ["b", "c", "x", "y"]
+            .iter()
+            .map(|n| (node(n), a.clone()))
+            .collect();
+        assert!(quorum_holds(&answers, &[node("b")], 5));
+        assert!(!quorum_holds(&answers, &two_lost, 5));
     }
 
     #[test]

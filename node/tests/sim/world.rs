@@ -28,7 +28,7 @@ use chat_node::metrics::Metrics;
 use chat_node::rooms::core::{Effect, Flaw, LogReader, RoomConfig, RoomCore};
 use chat_node::rooms::host::{Route, moves, route};
 use chat_node::rooms::keeper::{FETCH_MAX_BYTES, KeeperCore, KeeperEffect};
-use chat_node::store::{StoreError, Write};
+use chat_node::store::{Memory, StoreError, Write};
 use chat_protocol::peer::{
     Entry, Heartbeat, LogState, MemberInfo, PeerMessage, Reply, SessionId, ToHub, ToKeeper, ToRoom,
     ToRooms,
@@ -88,15 +88,28 @@ impl Settings {
 }
 
 /// A node's durable store.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Disk {
     pub logs: BTreeMap<RoomId, LogState>,
     pub entries: BTreeMap<RoomId, BTreeMap<u64, Entry>>,
     known: Option<(Vec<NodeName>, bool)>,
     incarnation: u64,
+    /// What the store remembers of the node's past (a new store: unknown).
+    memory: Memory,
 }
 
 impl Disk {
+    /// A store created empty.
+    fn fresh() -> Disk {
+        Disk {
+            logs: BTreeMap::new(),
+            entries: BTreeMap::new(),
+            known: None,
+            incarnation: 0,
+            memory: Memory::Unknown,
+        }
+    }
+
     fn apply(&mut self, write: &DiskWrite) {
         match write {
             DiskWrite::Log(Write::Log {
@@ -379,6 +392,10 @@ pub struct World {
     pub injecting: bool,
     /// An episode waits for the cluster to be whole and re-replicated before the next one.
     converge_before_next: bool,
+    /// The node that lost its disk, if one did: only it loses its disk again. (A room whose
+    /// copy on it was not synced since counts it out of claims; with a second node's disk lost
+    /// too, such a room of three nodes waits for an operator: docs/failover.md.)
+    disk_lost: Option<usize>,
     pub events: u64,
     pub faults: BTreeMap<&'static str, u64>,
 }
@@ -397,7 +414,7 @@ impl World {
                 life: None,
                 frozen: false,
                 backlog: Vec::new(),
-                disk: Arc::new(Mutex::new(Disk::default())),
+                disk: Arc::new(Mutex::new(Disk::fresh())),
                 disk_gen: 0,
                 pending: VecDeque::new(),
                 committing: false,
@@ -429,6 +446,7 @@ impl World {
             filter: None,
             injecting: false,
             converge_before_next: false,
+            disk_lost: None,
             events: 0,
             faults: BTreeMap::new(),
             rng,
@@ -829,11 +847,11 @@ impl World {
             .map(|n| n.addr.clone())
             .collect();
         let wall = self.wall_ms();
-        let (known, bootstrapped, incarnation) = {
+        let (known, bootstrapped, incarnation, memory) = {
             let mut disk = self.nodes[node].disk.lock().expect("disk");
             disk.incarnation = (disk.incarnation + 1).max(wall);
             let (known, bootstrapped) = disk.known.clone().unwrap_or_default();
-            (known, bootstrapped, disk.incarnation)
+            (known, bootstrapped, disk.incarnation, disk.memory)
         };
         let n = &mut self.nodes[node];
         n.started = true;
@@ -853,6 +871,7 @@ impl World {
         if seeds.iter().any(|s| *s != me.addr) {
             detector.expect_peers();
         }
+        let detector = detector.with_memory(memory);
         let view = Arc::new(View::new(
             n.name.clone(),
             vec![Member {
@@ -865,7 +884,9 @@ impl World {
             false,
             0,
         ));
-        let hub = HubCore::new(n.name.clone(), view.clone(), REQUEST_TIMEOUT);
+        let first_req = self.rng.next();
+        let n = &mut self.nodes[node];
+        let hub = HubCore::new(n.name.clone(), view.clone(), REQUEST_TIMEOUT, first_req);
         let persisted = (detector.known().clone(), detector.bootstrapped());
         let id = self.next_life;
         self.next_life += 1;
@@ -928,6 +949,8 @@ impl World {
             }
         }
         let changed = life.detector.tick(now);
+        let memory = life.detector.memory();
+        self.sync_memory(node, memory);
         for (addr, heartbeat) in sends {
             if let Some(to) = self.node_of_addr(&addr) {
                 self.datagram(node, to, heartbeat);
@@ -992,6 +1015,7 @@ impl World {
         for peer in &gone {
             life.desired.remove(peer);
         }
+        let memory = life.detector.memory();
         let known = (life.detector.known().clone(), life.detector.bootstrapped());
         let persist = (known != life.persisted).then(|| {
             life.persisted = known.clone();
@@ -1000,11 +1024,23 @@ impl World {
         for peer in gone {
             self.drop_link(node, peer);
         }
+        self.sync_memory(node, memory);
         if let Some(write) = persist {
             self.disk_submit(node, write, Done::Nothing);
         }
         self.dial(node);
         self.publish_view(node);
+    }
+
+    /// Records what the members told about this node's store, as the real membership does
+    /// (synchronously: a fact written once).
+    fn sync_memory(&mut self, node: usize, memory: Memory) {
+        let mut disk = self.nodes[node].disk.lock().expect("disk");
+        if disk.memory != memory {
+            disk.memory = memory;
+            drop(disk);
+            self.log(|| format!("n{} learns its store's memory: {memory:?}", node + 1));
+        }
     }
 
     fn publish_view(&mut self, node: usize) {
@@ -1062,6 +1098,7 @@ impl World {
 
     fn keeper(&mut self, node: usize, message: ToKeeper) {
         let disk = self.nodes[node].disk.clone();
+        let lost_disk = disk.lock().expect("disk").memory.doubtful();
         let Some(life) = self.nodes[node].life.as_mut() else {
             return;
         };
@@ -1069,7 +1106,7 @@ impl World {
             let disk = disk.lock().map_err(|_| StoreError::Stopped)?;
             Ok(disk.logs.get(room).cloned().unwrap_or_default())
         };
-        let effects = match life.keeper.on(message, load) {
+        let effects = match life.keeper.on(message, lost_disk, load) {
             Ok(effects) => effects,
             Err(e) => {
                 self.checker
@@ -1766,7 +1803,7 @@ impl World {
         n.disk_failing = false;
         n.disk_slow = false;
         if lose_disk {
-            n.disk = Arc::new(Mutex::new(Disk::default()));
+            n.disk = Arc::new(Mutex::new(Disk::fresh()));
         }
         self.queues.retain(|(from, _), _| *from != node);
         // The kernel closes its sessions: peers learn it as soon as the close gets through.
@@ -1818,6 +1855,8 @@ impl World {
             return;
         }
         self.converge_before_next = false;
+        let disk_lost = self.disk_lost;
+        let mut lost_now = None;
         let rng = &mut self.fault_rng;
         let spare: Option<usize> = (0..self.nodes.len()).find(|&i| !self.nodes[i].started);
         let left: Option<usize> = (0..self.nodes.len()).find(|&i| self.nodes[i].left);
@@ -1846,16 +1885,22 @@ impl World {
                 "crash"
             }
             2 => {
-                steps.push((
-                    0,
-                    Fault::Crash {
-                        node: a,
-                        lose_disk: true,
-                    },
-                ));
+                let (a, lose_disk) = match disk_lost {
+                    Some(lost) if running.contains(&lost) => (lost, true),
+                    Some(_) => (a, false),
+                    None => (a, true),
+                };
+                if lose_disk {
+                    lost_now = Some(a);
+                }
+                steps.push((0, Fault::Crash { node: a, lose_disk }));
                 steps.push((hold.min(3 * SEC), Fault::Restart(a)));
                 self.converge_before_next = true;
-                "crash_disk_lost"
+                if lose_disk {
+                    "crash_disk_lost"
+                } else {
+                    "crash"
+                }
             }
             3 | 4 => {
                 steps.push((0, Fault::Freeze(a)));
@@ -1958,6 +2003,9 @@ impl World {
                 }
             }
         };
+        if lost_now.is_some() {
+            self.disk_lost = lost_now;
+        }
         *self.faults.entry(name).or_default() += 1;
         let end = steps.iter().map(|(t, _)| *t).max().unwrap_or(0);
         for (at, fault) in steps {
