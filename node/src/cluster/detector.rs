@@ -154,12 +154,15 @@ impl Detector {
     }
 
     fn resolve_memory(&mut self) {
-        // New when a majority of the known members (and enough to bootstrap) answered without
-        // knowing us; one that knew us settles it the other way (in `observe`).
-        let answered = self.strangers.len() + 1;
+        // New when a majority of the other known members (and enough to bootstrap) answered
+        // without knowing us, or when there is nobody to ask (a lone node); one that knew us
+        // settles it the other way (in `observe`).
+        let others = self.known.len() - 1;
+        let alone = others == 0 && self.config.bootstrap_expect <= 1;
         if self.memory == Memory::Unknown
-            && answered > self.known.len() / 2
-            && answered >= self.config.bootstrap_expect
+            && (alone
+                || (self.strangers.len() * 2 > others
+                    && self.strangers.len() + 1 >= self.config.bootstrap_expect))
         {
             self.memory = Memory::Intact;
         }
@@ -460,6 +463,10 @@ mod tests {
     const INTERVAL: Duration = Duration::from_millis(200);
     const TIMEOUT: Duration = Duration::from_millis(3000);
 
+    fn node_name(name: &str) -> NodeName {
+        NodeName::new(name).unwrap()
+    }
+
     fn info(name: &str, incarnation: u64) -> MemberInfo {
         MemberInfo {
             name: NodeName::new(name).unwrap(),
@@ -715,6 +722,78 @@ mod tests {
             !d.quorum(now, |_| true),
             "one of three after a whole-cluster restart"
         );
+    }
+
+    /// What `answering`'s ack says to `d`'s ping.
+    fn ack_from(d: &mut Detector, name: &str, knew_you: bool, now: Instant) {
+        for (addr, hb) in d.pings(now) {
+            let HeartbeatKind::Ping { nonce } = hb.kind else {
+                panic!()
+            };
+            if addr.split(':').next() == Some(name) {
+                let ack = Heartbeat {
+                    from: info(name, 1),
+                    kind: HeartbeatKind::Ack { nonce, knew_you },
+                    members: Vec::new(),
+                    departed: Vec::new(),
+                };
+                d.observe(ack, now);
+            }
+        }
+    }
+
+    #[test]
+    fn a_new_store_learns_from_the_peers_whether_the_node_lost_its_disk() {
+        let now = Instant::now();
+        // The peers' side: an ack says whether the pinger's earlier life was known.
+        let mut b = Detector::new(info("b", 1), config(), [node_name("a")], true);
+        let reply = b.observe(ping_from("a", 2), now).reply.unwrap();
+        assert!(matches!(
+            reply.kind,
+            HeartbeatKind::Ack { knew_you: true, .. }
+        ));
+        let mut c = Detector::new(info("c", 1), config(), [], false);
+        let reply = c.observe(ping_from("a", 2), now).reply.unwrap();
+        assert!(matches!(
+            reply.kind,
+            HeartbeatKind::Ack {
+                knew_you: false,
+                ..
+            }
+        ));
+
+        // One peer that knew it settles it: the disk was lost.
+        let seeded = |memory| {
+            let mut d = Detector::new(info("a", 2), config(), [], false);
+            d.expect_peers();
+            let mut d = d.with_memory(memory);
+            d.observe(ping_from("b", 1), now);
+            d.observe(ping_from("c", 1), now);
+            d
+        };
+        let mut d = seeded(Memory::Unknown);
+        assert_eq!(d.memory(), Memory::Unknown);
+        ack_from(&mut d, "c", false, now);
+        assert_eq!(
+            d.memory(),
+            Memory::Unknown,
+            "one stranger of two is not a majority"
+        );
+        ack_from(&mut d, "b", true, now);
+        assert_eq!(d.memory(), Memory::Lost);
+        ack_from(&mut d, "c", false, now);
+        assert_eq!(d.memory(), Memory::Lost, "lost stays lost");
+
+        // A majority that never knew it: a new node.
+        let mut d = seeded(Memory::Unknown);
+        ack_from(&mut d, "b", false, now);
+        ack_from(&mut d, "c", false, now);
+        assert_eq!(d.memory(), Memory::Intact);
+
+        // An intact store is not put in doubt by anyone.
+        let mut d = seeded(Memory::Intact);
+        ack_from(&mut d, "b", true, now);
+        assert_eq!(d.memory(), Memory::Intact);
     }
 
     #[test]

@@ -477,6 +477,48 @@ mod tests {
     }
 
     #[test]
+    fn a_node_that_lost_its_disk_says_so_until_it_is_synced() {
+        let mut keeper = KeeperCore::new(node("b"));
+        let promise = |epoch| ToKeeper::Promise {
+            room: room(),
+            epoch,
+            placement: placement(epoch),
+        };
+        let recovering = |effects: Vec<KeeperEffect>| match answer(effects) {
+            ToRoom::Promised { recovering, .. } => recovering,
+            other => panic!("{other:?}"),
+        };
+        assert!(recovering(keeper.on(promise(3), true, empty).unwrap()));
+        // Synced under epoch 3 (its copy now holds the owner's log): it counts again.
+        let p = placement(3);
+        let append = ToKeeper::Append {
+            room: room(),
+            epoch: 3,
+            placement: p,
+            after_seq: 0,
+            after_epoch: 0,
+            entries: vec![entry(1, 3)],
+            owner_last_seq: 1,
+            owner_runs: vec![chat_protocol::peer::Run {
+                epoch: 3,
+                first_seq: 1,
+            }],
+            adopted: 0,
+        };
+        assert!(matches!(
+            answer(keeper.on(append, true, empty).unwrap()),
+            ToRoom::Appended {
+                outcome: AppendOutcome::Stored { last_seq: 1 },
+                ..
+            }
+        ));
+        assert!(!recovering(keeper.on(promise(4), true, empty).unwrap()));
+        // A node whose disk is intact never says so.
+        let mut intact = KeeperCore::new(node("c"));
+        assert!(!recovering(intact.on(promise(3), false, empty).unwrap()));
+    }
+
+    #[test]
     fn appends_are_stored_for_the_promised_epoch_and_refused_otherwise() {
         let mut keeper = KeeperCore::new(node("b"));
         let promise = ToKeeper::Promise {
