@@ -177,6 +177,7 @@ pub async fn start_node(settings: Settings) -> anyhow::Result<NodeHandle> {
         max_connections: settings.max_connections,
         max_frame_bytes: settings.max_frame_bytes,
         client_queue: settings.client_queue,
+        idle_timeout: Duration::from_millis(settings.idle_timeout_ms),
         limits: Limits {
             max_text_bytes: settings.max_text_bytes,
             rate_limit: settings.rate_limit,

@@ -60,6 +60,9 @@ pub mod defaults {
     pub const REPLAY_CAP: usize = 1_000;
     /// `request-timeout-ms`: how long a request to another actor or node may take.
     pub const REQUEST_TIMEOUT_MS: u64 = 5_000;
+    /// `idle-timeout-ms`: a client that answers none of the node's pings for this long is
+    /// closed.
+    pub const IDLE_TIMEOUT_MS: u64 = 60_000;
     /// `heartbeat-interval-ms`: how often members tell each other they are alive.
     pub const HEARTBEAT_INTERVAL_MS: u64 = 200;
     /// `failure-timeout-ms`: silence after which a member is declared down.
@@ -91,6 +94,7 @@ const KEYS: &[&str] = &[
     "client-queue",
     "replay-cap",
     "request-timeout-ms",
+    "idle-timeout-ms",
     "heartbeat-interval-ms",
     "failure-timeout-ms",
     "room-idle-ms",
@@ -153,6 +157,9 @@ pub struct Settings {
     pub replay_cap: usize,
     /// `request-timeout-ms`: how long a request to another actor or node may take.
     pub request_timeout_ms: u64,
+    /// `idle-timeout-ms`: the node pings every client; one silent (no frame, no pong) this long
+    /// is closed (1001).
+    pub idle_timeout_ms: u64,
     /// `heartbeat-interval-ms`: how often members tell each other they are alive.
     pub heartbeat_interval_ms: u64,
     /// `failure-timeout-ms`: a member silent this long is declared down.
@@ -349,6 +356,9 @@ pub struct Cli {
     /// How long a request to another actor or node may take [default: 5000]
     #[arg(long, value_name = "MS")]
     pub request_timeout_ms: Option<u64>,
+    /// Close a client that answers no ping for this long [default: 60000]
+    #[arg(long, value_name = "MS")]
+    pub idle_timeout_ms: Option<u64>,
     /// How often cluster members send heartbeats [default: 200]
     #[arg(long, value_name = "MS")]
     pub heartbeat_interval_ms: Option<u64>,
@@ -469,6 +479,7 @@ impl Settings {
         at_least("client-queue", wide(self.client_queue), 16)?;
         check_range("replay-cap", wide(self.replay_cap), 1..=100_000)?;
         at_least("request-timeout-ms", self.request_timeout_ms, 100)?;
+        at_least("idle-timeout-ms", self.idle_timeout_ms, 1000)?;
         at_least("heartbeat-interval-ms", self.heartbeat_interval_ms, 10)?;
         let min_failure_timeout = self
             .heartbeat_interval_ms
@@ -514,6 +525,7 @@ impl Settings {
             client_queue: defaults::CLIENT_QUEUE,
             replay_cap: defaults::REPLAY_CAP,
             request_timeout_ms: defaults::REQUEST_TIMEOUT_MS,
+            idle_timeout_ms: defaults::IDLE_TIMEOUT_MS,
             heartbeat_interval_ms: defaults::HEARTBEAT_INTERVAL_MS,
             failure_timeout_ms: defaults::FAILURE_TIMEOUT_MS,
             room_idle_ms: defaults::ROOM_IDLE_MS,
@@ -561,6 +573,7 @@ impl fmt::Debug for Settings {
             .field("client_queue", &self.client_queue)
             .field("replay_cap", &self.replay_cap)
             .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("idle_timeout_ms", &self.idle_timeout_ms)
             .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
             .field("failure_timeout_ms", &self.failure_timeout_ms)
             .field("room_idle_ms", &self.room_idle_ms)
@@ -593,6 +606,7 @@ struct Layered {
     client_queue: usize,
     replay_cap: usize,
     request_timeout_ms: u64,
+    idle_timeout_ms: u64,
     heartbeat_interval_ms: u64,
     failure_timeout_ms: u64,
     room_idle_ms: u64,
@@ -630,6 +644,7 @@ impl Layered {
             client_queue: self.client_queue,
             replay_cap: self.replay_cap,
             request_timeout_ms: self.request_timeout_ms,
+            idle_timeout_ms: self.idle_timeout_ms,
             heartbeat_interval_ms: self.heartbeat_interval_ms,
             failure_timeout_ms: self.failure_timeout_ms,
             room_idle_ms: self.room_idle_ms,
@@ -656,6 +671,7 @@ fn with_defaults(builder: Builder) -> Result<Builder, ConfigError> {
         .set_default("client-queue", wide(defaults::CLIENT_QUEUE))?
         .set_default("replay-cap", wide(defaults::REPLAY_CAP))?
         .set_default("request-timeout-ms", defaults::REQUEST_TIMEOUT_MS)?
+        .set_default("idle-timeout-ms", defaults::IDLE_TIMEOUT_MS)?
         .set_default("heartbeat-interval-ms", defaults::HEARTBEAT_INTERVAL_MS)?
         .set_default("failure-timeout-ms", defaults::FAILURE_TIMEOUT_MS)?
         .set_default("room-idle-ms", defaults::ROOM_IDLE_MS)?
@@ -684,6 +700,7 @@ fn with_flags(builder: Builder, cli: Cli) -> Result<Builder, ConfigError> {
         .set_override_option("client-queue", cli.client_queue.map(wide))?
         .set_override_option("replay-cap", cli.replay_cap.map(wide))?
         .set_override_option("request-timeout-ms", cli.request_timeout_ms)?
+        .set_override_option("idle-timeout-ms", cli.idle_timeout_ms)?
         .set_override_option("heartbeat-interval-ms", cli.heartbeat_interval_ms)?
         .set_override_option("failure-timeout-ms", cli.failure_timeout_ms)?
         .set_override_option("room-idle-ms", cli.room_idle_ms)?
@@ -1096,6 +1113,7 @@ mod tests {
         ("client-queue", "64"),
         ("replay-cap", "50"),
         ("request-timeout-ms", "250"),
+        ("idle-timeout-ms", "4321"),
         ("heartbeat-interval-ms", "50"),
         ("failure-timeout-ms", "1000"),
         ("room-idle-ms", "1234"),
@@ -1123,6 +1141,7 @@ mod tests {
             client_queue: 64,
             replay_cap: 50,
             request_timeout_ms: 250,
+            idle_timeout_ms: 4321,
             heartbeat_interval_ms: 50,
             failure_timeout_ms: 1000,
             room_idle_ms: 1234,
@@ -1479,6 +1498,7 @@ mod tests {
             (&["--replay-cap", "0"], "replay-cap"),
             (&["--replay-cap", "100001"], "replay-cap"),
             (&["--request-timeout-ms", "99"], "request-timeout-ms"),
+            (&["--idle-timeout-ms", "999"], "idle-timeout-ms"),
             (&["--heartbeat-interval-ms", "9"], "heartbeat-interval-ms"),
             (&["--failure-timeout-ms", "1000"], "failure-timeout-ms"),
             (&["--bootstrap-expect", "0"], "bootstrap-expect"),

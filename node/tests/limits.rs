@@ -317,3 +317,84 @@ async fn sends_over_the_rate_limit_are_refused_and_not_delivered() {
     assert_eq!(alice.say("rated", "later").await, 12);
     assert_eq!(bob.message("rated", 12).await["text"], "later");
 }
+
+#[tokio::test]
+async fn a_client_that_answers_no_ping_is_closed_and_a_silent_one_that_does_stays() {
+    let node = NodeProcess::start("n1", &["--idle-timeout-ms", "3000"]);
+    // Never read: its pings are not answered (a half-open connection behaves the same).
+    let mut gone = Client::connect(node.http, "ghost").await;
+    let mut quiet = Client::connect(node.http, "lurker").await;
+    quiet.join("idle", None).await;
+    let started = Instant::now();
+    // Reading answers the node's pings; `quiet` sends nothing for over twice the timeout.
+    assert!(
+        quiet.closed_within(Duration::from_secs(7)).await.is_none(),
+        "a client that answers pings was closed"
+    );
+    quiet.assert_alive().await;
+    let metrics = metrics_text(node.http).await;
+    assert_eq!(
+        metric(&metrics, r#"chat_connections_closed_total{kind="idle"}"#),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(metric(&metrics, "chat_connections"), Some(1.0), "{metrics}");
+    let ending = gone.closed_within(Duration::from_secs(5)).await;
+    if let Some(Some(close)) = ending {
+        assert_eq!(u16::from(close.code), 1001, "{close:?}");
+    } else {
+        assert!(ending.is_some(), "the idle connection is still open");
+    }
+    println!(
+        "idle: the unanswering client was closed, the silent one kept, over {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[tokio::test]
+async fn slow_header_senders_do_not_keep_a_client_out_and_are_dropped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SLOW: usize = 2_000;
+    let node = NodeProcess::start("n1", &[]);
+    // Each opens a request and then trickles its headers, a byte a second, never finishing.
+    let mut slow = Vec::new();
+    for _ in 0..SLOW {
+        let mut stream = tokio::net::TcpStream::connect(node.http)
+            .await
+            .expect("connect");
+        stream
+            .write_all(b"GET /ws?user=slow HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("write");
+        slow.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let mut buf = [0u8; 256];
+            loop {
+                tokio::select! {
+                    // The node answered (408) or closed: how long the slot was held.
+                    _ = stream.read(&mut buf) => return started.elapsed(),
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {
+                        if stream.write_all(b"X").await.is_err() {
+                            return started.elapsed();
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    // A new client still gets in and chats while all of them hold their connections.
+    let mut alice = Client::connect(node.http, "alice").await;
+    alice.join("open", None).await;
+    assert_eq!(alice.say("open", "still here").await, 1);
+    // And the node lets every slow one go after its header deadline (10 s).
+    let mut longest = Duration::ZERO;
+    for task in slow {
+        let held = tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("a slow header sender was held for 30 s")
+            .expect("task");
+        longest = longest.max(held);
+    }
+    alice.assert_alive().await;
+    println!("slow headers: {SLOW} held at once, the last dropped after {longest:?}");
+}

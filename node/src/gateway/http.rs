@@ -63,6 +63,8 @@ pub struct GatewayConfig {
     pub max_frame_bytes: usize,
     /// Frames queued per connection before it is cut off (1013).
     pub client_queue: usize,
+    /// A client that sends nothing (not even a pong to the node's pings) this long is closed.
+    pub idle_timeout: Duration,
     /// Per-connection limits.
     pub limits: Limits,
     /// Verifies tokens when an auth secret is configured.
@@ -370,7 +372,8 @@ async fn start_session(upgraded: hyper::upgrade::Upgraded, user: UserName, gatew
         }
     };
     let (sink, stream) = socket.split();
-    let reader = tokio::spawn(socket::read_loop(stream, session.clone(), outbox));
+    let idle = gateway.config.idle_timeout;
+    let reader = tokio::spawn(socket::read_loop(stream, session.clone(), outbox, idle));
     tokio::spawn(socket::write_loop(
         sink,
         frames,
@@ -378,6 +381,7 @@ async fn start_session(upgraded: hyper::upgrade::Upgraded, user: UserName, gatew
         reader.abort_handle(),
         session,
         gateway.metrics().clone(),
+        idle / 3,
     ));
 }
 

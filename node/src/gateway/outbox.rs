@@ -22,6 +22,8 @@ pub enum Closing {
     TooSlow,
     /// 1011: an internal failure of the connection's actor.
     Internal,
+    /// 1001: the client answered none of the node's pings within `idle-timeout-ms`.
+    Idle,
     /// 1000: a normal close.
     Normal,
 }
@@ -34,6 +36,7 @@ impl Closing {
             Closing::TooLarge => (CloseCode::Size, "frame or message too large"),
             Closing::TooSlow => (CloseCode::Again, "client too slow to read its queue"),
             Closing::Internal => (CloseCode::Error, "internal error"),
+            Closing::Idle => (CloseCode::Away, "no answer to pings"),
             Closing::Normal => (CloseCode::Normal, ""),
         };
         CloseFrame {
@@ -49,6 +52,7 @@ impl Closing {
             Closing::TooLarge => "too_large",
             Closing::TooSlow => "slow",
             Closing::Internal => "internal",
+            Closing::Idle => "idle",
             Closing::Normal => "normal",
         }
     }

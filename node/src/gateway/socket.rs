@@ -3,7 +3,10 @@
 //! - The **reader** reads frames and hands them to the Session actor, holding a permit per frame
 //!   so that a client cannot queue more than [`READ_AHEAD`] frames in the actor's (unbounded)
 //!   mailbox. Oversized frames close the connection with 1009.
-//! - The **writer** drains the [`Outbox`] into the socket, batching frames per flush.
+//! - The **writer** drains the [`Outbox`] into the socket, batching frames per flush, and pings
+//!   the client every third of `idle-timeout-ms`; the reader closes a connection on which nothing
+//!   (no frame, no pong) arrived for the whole timeout (1001), so half-open connections do not
+//!   keep their slot and their presence.
 //! - The [`Outbox`] (in [`super::outbox`]) is the bounded queue the writer drains: when it is
 //!   full the client is too slow, and the writer closes the connection with 1013.
 
@@ -55,21 +58,32 @@ pub async fn write_loop(
     reader: tokio::task::AbortHandle,
     session: ActorRef<SessionMessage>,
     metrics: Metrics,
+    ping_every: Duration,
 ) {
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let why = loop {
-        let Some(first) = (tokio::select! {
+        let first = tokio::select! {
             biased;
             changed = close.changed() => {
                 break if changed.is_ok() { *close.borrow() } else { None };
             }
-            next = queue.recv() => next,
-        }) else {
-            break None;
+            next = queue.recv() => match next {
+                Some(next) => Some(next),
+                None => break None,
+            },
+            _ = ping.tick() => None,
         };
         // Every write can block on a client that does not read: race all of them against the
         // close signal, so that a stalled client is cut off rather than waited for.
         let write = async {
-            let mut sent = feed(&mut sink, first).await?;
+            let mut sent = match first {
+                Some(first) => feed(&mut sink, first).await?,
+                None => {
+                    sink.feed(Message::Ping(Default::default())).await?;
+                    0
+                }
+            };
             while sent < 64 {
                 match queue.try_recv() {
                     Ok(next) => sent += feed(&mut sink, next).await?,
@@ -122,9 +136,18 @@ pub async fn read_loop(
     mut stream: SplitStream<Socket>,
     session: ActorRef<SessionMessage>,
     outbox: Outbox,
+    idle_timeout: Duration,
 ) {
     let permits = Arc::new(Semaphore::new(READ_AHEAD));
-    while let Some(message) = stream.next().await {
+    loop {
+        let Ok(next) = tokio::time::timeout(idle_timeout, stream.next()).await else {
+            tracing::debug!("no frame and no pong within the idle timeout");
+            outbox.close(Closing::Idle);
+            break;
+        };
+        let Some(message) = next else {
+            break;
+        };
         match message {
             Ok(Message::Text(text)) => {
                 let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -138,7 +161,8 @@ pub async fn read_loop(
                 let _ = session.cast(SessionMessage::Binary);
             }
             Ok(Message::Close(_)) => break,
-            // Pings are answered by tungstenite itself; pongs and raw frames need nothing.
+            // Pings are answered by tungstenite itself; a pong (like any frame) shows the client
+            // is there.
             Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
             Err(WsError::Capacity(e)) => {
                 tracing::debug!(error = %e, "frame over the limit");
