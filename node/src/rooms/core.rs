@@ -565,7 +565,9 @@ impl RoomCore {
             let me = self.me.clone();
             self.pump_node(&me, u64::MAX);
         }
-        self.epoch = self.highest_epoch.max(self.epoch) + 1;
+        // Saturating: past `log::LIMIT` every keeper refuses the promise (the room stops rather
+        // than reuse an epoch).
+        self.epoch = self.highest_epoch.max(self.epoch).saturating_add(1);
         self.highest_epoch = self.epoch;
         self.placement = Placement {
             epoch: self.epoch,

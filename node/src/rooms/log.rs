@@ -87,9 +87,14 @@ pub struct Applied {
     pub truncate_after: Option<u64>,
 }
 
-/// Grants a promise of `epoch` if it is higher than every epoch promised before.
+/// Seqs and epochs at or beyond this are malformed: a peer cannot make the arithmetic on them
+/// (the next seq, the next epoch) wrap.
+pub const LIMIT: u64 = u64::MAX / 2;
+
+/// Grants a promise of `epoch` if it is higher than every epoch promised before (and below
+/// [`LIMIT`]).
 pub fn promise(state: &LogState, epoch: Epoch, placement: &Placement) -> Option<LogState> {
-    if epoch <= state.promised {
+    if epoch <= state.promised || epoch >= LIMIT {
         return None;
     }
     let mut next = state.clone();
@@ -109,6 +114,9 @@ pub fn append(state: &LogState, append: &Append<'_>) -> Result<Applied, Refusal>
         return Err(Refusal::NotPromised {
             promised: state.promised,
         });
+    }
+    if append.owner_last_seq >= LIMIT || append.after_seq > append.owner_last_seq {
+        return Err(Refusal::Malformed);
     }
     let end = append.after_seq + append.entries.len() as u64;
     let owner = LogState {
@@ -663,6 +671,31 @@ mod tests {
             .collect();
         assert!(quorum_holds(&answers, &[node("b")], 5));
         assert!(!quorum_holds(&answers, &two_lost, 5));
+    }
+
+    #[test]
+    fn seqs_and_epochs_near_the_top_are_refused_not_wrapped() {
+        let p = placement(LIMIT, &["a"]);
+        assert!(promise(&LogState::default(), LIMIT, &p).is_none());
+        assert!(promise(&LogState::default(), u64::MAX, &p).is_none());
+        let state = promise(&LogState::default(), 2, &placement(2, &["a"])).unwrap();
+        for (after_seq, owner_last_seq) in [(u64::MAX, u64::MAX), (LIMIT, LIMIT), (5, 4)] {
+            let p = placement(2, &["a"]);
+            let append = Append {
+                epoch: 2,
+                placement: &p,
+                after_seq,
+                after_epoch: 2,
+                entries: &[],
+                owner_last_seq,
+                owner_runs: &[],
+                adopted: 0,
+            };
+            assert!(
+                matches!(super::append(&state, &append), Err(Refusal::Malformed)),
+                "{after_seq} {owner_last_seq}"
+            );
+        }
     }
 
     #[test]
