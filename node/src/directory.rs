@@ -4,9 +4,12 @@
 //! user's home node when the user's first connection on it opens and its last one closes, and
 //! announces all its users again when homes move. A `direct` goes to the addressee's home,
 //! which forwards it once to every node where the addressee is connected, or answers `offline`.
+//! The home also caps what one user receives (`direct-rate`, from all senders together): past it
+//! the senders get `rate_limited`, and the addressee's queue never fills with others' bursts.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::Instant;
 
 use chat_protocol::peer::{Reply, ToDirectory, ToHub};
 use chat_protocol::{ErrorCode, NodeName, UserName};
@@ -17,6 +20,7 @@ use crate::actors::{Tasks, forward};
 use crate::clock::now_ms;
 use crate::cluster::Views;
 use crate::cluster::view::View;
+use crate::gateway::rate::RateLimit;
 use crate::net::Net;
 
 /// The Directory actor.
@@ -38,17 +42,20 @@ pub struct DirectoryState {
     _tasks: Tasks,
     view: Arc<View>,
     nodes: HashMap<UserName, BTreeSet<NodeName>>,
+    /// `direct-rate`: what each user homed here may still receive.
+    direct_rate: u32,
+    inbound: HashMap<UserName, RateLimit>,
 }
 
 impl Actor for Directory {
     type Msg = DirectoryMessage;
     type State = DirectoryState;
-    type Arguments = (Net, Views);
+    type Arguments = (Net, Views, u32);
 
     async fn pre_start(
         &self,
         myself: ActorRef<DirectoryMessage>,
-        (net, views): (Net, Views),
+        (net, views, direct_rate): (Net, Views, u32),
     ) -> Result<DirectoryState, ActorProcessingErr> {
         let directory = myself.clone();
         net.serve_directory(Box::new(move |m| {
@@ -75,6 +82,8 @@ impl Actor for Directory {
             net,
             _tasks: tasks,
             nodes: HashMap::new(),
+            direct_rate,
+            inbound: HashMap::new(),
         })
     }
 
@@ -98,6 +107,7 @@ impl Actor for Directory {
                         nodes.remove(&node);
                         if nodes.is_empty() {
                             state.nodes.remove(&user);
+                            state.inbound.remove(&user);
                         }
                     }
                 }
@@ -116,10 +126,25 @@ impl Actor for Directory {
                     .filter(|n| state.view.is_up(n))
                     .cloned()
                     .collect();
+                let direct_rate = state.direct_rate;
+                let mut allowed = || {
+                    state
+                        .inbound
+                        .entry(to.clone())
+                        .or_insert_with(|| RateLimit::new(direct_rate, Instant::now()))
+                        .allow(Instant::now())
+                };
                 let reply = if targets.is_empty() {
                     Reply::Failed {
                         code: ErrorCode::Offline,
                         message: format!("{to} has no connection"),
+                    }
+                } else if !allowed() {
+                    // Many senders together must not flood one recipient's queue (and get them
+                    // cut off as too slow): the senders are told to slow down instead.
+                    Reply::Failed {
+                        code: ErrorCode::RateLimited,
+                        message: format!("{to} is receiving too many direct messages; slow down"),
                     }
                 } else {
                     let ts = now_ms();
@@ -149,6 +174,9 @@ impl Actor for Directory {
                     nodes.remove(&node);
                     !nodes.is_empty()
                 });
+                state
+                    .inbound
+                    .retain(|user, _| state.nodes.contains_key(user));
             }
             DirectoryMessage::ViewChanged(view) => {
                 // Forget nodes that went down, and users who no longer live here (their new
@@ -158,6 +186,9 @@ impl Actor for Directory {
                     nodes.retain(|n| view.is_up(n));
                     !nodes.is_empty() && view.home(user) == Some(&me)
                 });
+                state
+                    .inbound
+                    .retain(|user, _| state.nodes.contains_key(user));
                 state.view = view;
             }
         }

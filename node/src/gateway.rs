@@ -15,6 +15,7 @@
 //! - [`auth`]: HS256 token verification.
 //! - [`rate`]: the per-connection token bucket.
 
+pub mod admission;
 pub mod auth;
 pub mod http;
 pub mod outbox;

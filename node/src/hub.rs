@@ -49,6 +49,8 @@ pub struct HubArgs {
     pub views: Views,
     /// How long a request may wait for its reply.
     pub request_timeout: Duration,
+    /// Rooms one connection may have joined at once.
+    pub max_rooms_per_connection: usize,
 }
 
 /// Messages of the hub.
@@ -123,7 +125,8 @@ impl Actor for Hub {
             view,
             args.request_timeout,
             rand::random(),
-        );
+        )
+        .with_max_rooms(args.max_rooms_per_connection);
         let mut state = HubState {
             core,
             net: args.net,
@@ -319,6 +322,10 @@ impl HubState {
         let Some(outbox) = self.outboxes.get(&session) else {
             return;
         };
+        if outbox.is_closing() {
+            // Cut off (too slow, or gone): rendering a long history for it would be waste.
+            return;
+        }
         let frame = match reply {
             Reply::Joined { room, seq, replay } => {
                 let frame = ServerFrame::Joined {

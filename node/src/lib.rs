@@ -161,6 +161,8 @@ pub async fn start_node(settings: Settings) -> anyhow::Result<NodeHandle> {
         writer: writer.clone(),
         room,
         request_timeout: Duration::from_millis(settings.request_timeout_ms),
+        max_rooms_per_connection: settings.max_rooms_per_connection,
+        direct_rate: settings.direct_rate,
         hub: hub.clone(),
         sessions: sessions.clone(),
     };
@@ -177,12 +179,16 @@ pub async fn start_node(settings: Settings) -> anyhow::Result<NodeHandle> {
         max_connections: settings.max_connections,
         max_frame_bytes: settings.max_frame_bytes,
         client_queue: settings.client_queue,
+        client_queue_bytes: settings.client_queue_bytes,
         idle_timeout: Duration::from_millis(settings.idle_timeout_ms),
         limits: Limits {
             max_text_bytes: settings.max_text_bytes,
             rate_limit: settings.rate_limit,
+            request_rate: settings.request_rate,
         },
         verifier: settings.auth_secret.as_deref().map(Verifier::new),
+        max_connections_per_user: settings.max_connections_per_user,
+        max_connections_per_address: settings.max_connections_per_address,
         replication_factor: settings.replication_factor,
     };
     let links = GatewayLinks {

@@ -56,6 +56,18 @@ pub mod defaults {
     pub const MAX_CONNECTIONS: usize = 10_000;
     /// `client-queue`: outbound frames queued per connection.
     pub const CLIENT_QUEUE: usize = 1_024;
+    /// `client-queue-bytes`: outbound bytes queued per connection before a slow client is cut off (close 1013).
+    pub const CLIENT_QUEUE_BYTES: usize = 4_194_304;
+    /// `max-rooms-per-connection`: rooms one connection may have joined at once.
+    pub const MAX_ROOMS_PER_CONNECTION: usize = 256;
+    /// `request-rate`: `join` + `leave` + `history` + `who` per second per connection, bursts up to twice that.
+    pub const REQUEST_RATE: u32 = 20;
+    /// `direct-rate`: `direct` messages per second one user receives from all senders together, bursts up to twice that.
+    pub const DIRECT_RATE: u32 = 50;
+    /// `max-connections-per-user`: connections one user may hold on this node at once.
+    pub const MAX_CONNECTIONS_PER_USER: usize = 32;
+    /// `max-connections-per-address`: WebSocket connections from one remote IP address at once.
+    pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 1_000;
     /// `replay-cap`: the most messages a `join` with `since` replays.
     pub const REPLAY_CAP: usize = 1_000;
     /// `request-timeout-ms`: how long a request to another actor or node may take.
@@ -92,6 +104,12 @@ const KEYS: &[&str] = &[
     "public-url",
     "max-connections",
     "client-queue",
+    "client-queue-bytes",
+    "max-rooms-per-connection",
+    "request-rate",
+    "direct-rate",
+    "max-connections-per-user",
+    "max-connections-per-address",
     "replay-cap",
     "request-timeout-ms",
     "idle-timeout-ms",
@@ -153,6 +171,18 @@ pub struct Settings {
     /// `client-queue`: outbound frames queued per connection before a slow client is cut off
     /// (close 1013).
     pub client_queue: usize,
+    /// `client-queue-bytes`: outbound bytes queued per connection before a slow client is cut off (close 1013).
+    pub client_queue_bytes: usize,
+    /// `max-rooms-per-connection`: rooms one connection may have joined at once; more get `too_many_rooms`.
+    pub max_rooms_per_connection: usize,
+    /// `request-rate`: `join` + `leave` + `history` + `who` per second per connection, bursts up to twice that; 0 turns the limit off.
+    pub request_rate: u32,
+    /// `direct-rate`: `direct` messages per second one user receives from all senders together, bursts up to twice that; 0 turns the limit off.
+    pub direct_rate: u32,
+    /// `max-connections-per-user`: connections one user may hold on this node at once; more are refused (HTTP 429).
+    pub max_connections_per_user: usize,
+    /// `max-connections-per-address`: WebSocket connections from one remote IP address at once; more are refused (HTTP 429).
+    pub max_connections_per_address: usize,
     /// `replay-cap`: the most messages a `join` with `since` replays.
     pub replay_cap: usize,
     /// `request-timeout-ms`: how long a request to another actor or node may take.
@@ -350,6 +380,24 @@ pub struct Cli {
     /// Outbound frames queued per connection before a slow client is cut off [default: 1024]
     #[arg(long, value_name = "FRAMES")]
     pub client_queue: Option<usize>,
+    /// Outbound bytes queued per connection before a slow client is cut off [default: 4194304]
+    #[arg(long, value_name = "BYTES")]
+    pub client_queue_bytes: Option<usize>,
+    /// Rooms one connection may have joined at once [default: 256]
+    #[arg(long, value_name = "COUNT")]
+    pub max_rooms_per_connection: Option<usize>,
+    /// join + leave + history + who per second per connection, bursts up to twice that; 0 = off [default: 20]
+    #[arg(long, value_name = "PER_SECOND")]
+    pub request_rate: Option<u32>,
+    /// direct messages per second one user receives, from all senders together, bursts up to twice that; 0 = off [default: 50]
+    #[arg(long, value_name = "PER_SECOND")]
+    pub direct_rate: Option<u32>,
+    /// Connections one user may hold on this node at once [default: 32]
+    #[arg(long, value_name = "COUNT")]
+    pub max_connections_per_user: Option<usize>,
+    /// WebSocket connections from one remote IP address at once [default: 1000]
+    #[arg(long, value_name = "COUNT")]
+    pub max_connections_per_address: Option<usize>,
     /// Most messages a join with `since` replays [default: 1000]
     #[arg(long, value_name = "MESSAGES")]
     pub replay_cap: Option<usize>,
@@ -477,6 +525,22 @@ impl Settings {
         check_range("replication-factor", wide(self.replication_factor), 1..=5)?;
         at_least("max-connections", wide(self.max_connections), 1)?;
         at_least("client-queue", wide(self.client_queue), 16)?;
+        at_least("client-queue-bytes", wide(self.client_queue_bytes), 65536)?;
+        at_least(
+            "max-rooms-per-connection",
+            wide(self.max_rooms_per_connection),
+            1,
+        )?;
+        at_least(
+            "max-connections-per-user",
+            wide(self.max_connections_per_user),
+            1,
+        )?;
+        at_least(
+            "max-connections-per-address",
+            wide(self.max_connections_per_address),
+            1,
+        )?;
         check_range("replay-cap", wide(self.replay_cap), 1..=100_000)?;
         at_least("request-timeout-ms", self.request_timeout_ms, 100)?;
         at_least("idle-timeout-ms", self.idle_timeout_ms, 1000)?;
@@ -523,6 +587,12 @@ impl Settings {
             public_url: None,
             max_connections: defaults::MAX_CONNECTIONS,
             client_queue: defaults::CLIENT_QUEUE,
+            client_queue_bytes: defaults::CLIENT_QUEUE_BYTES,
+            max_rooms_per_connection: defaults::MAX_ROOMS_PER_CONNECTION,
+            request_rate: defaults::REQUEST_RATE,
+            direct_rate: defaults::DIRECT_RATE,
+            max_connections_per_user: defaults::MAX_CONNECTIONS_PER_USER,
+            max_connections_per_address: defaults::MAX_CONNECTIONS_PER_ADDRESS,
             replay_cap: defaults::REPLAY_CAP,
             request_timeout_ms: defaults::REQUEST_TIMEOUT_MS,
             idle_timeout_ms: defaults::IDLE_TIMEOUT_MS,
@@ -571,6 +641,15 @@ impl fmt::Debug for Settings {
             .field("public_url", &self.public_url)
             .field("max_connections", &self.max_connections)
             .field("client_queue", &self.client_queue)
+            .field("client_queue_bytes", &self.client_queue_bytes)
+            .field("max_rooms_per_connection", &self.max_rooms_per_connection)
+            .field("request_rate", &self.request_rate)
+            .field("direct_rate", &self.direct_rate)
+            .field("max_connections_per_user", &self.max_connections_per_user)
+            .field(
+                "max_connections_per_address",
+                &self.max_connections_per_address,
+            )
             .field("replay_cap", &self.replay_cap)
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("idle_timeout_ms", &self.idle_timeout_ms)
@@ -604,6 +683,12 @@ struct Layered {
     public_url: Option<String>,
     max_connections: usize,
     client_queue: usize,
+    client_queue_bytes: usize,
+    max_rooms_per_connection: usize,
+    request_rate: u32,
+    direct_rate: u32,
+    max_connections_per_user: usize,
+    max_connections_per_address: usize,
     replay_cap: usize,
     request_timeout_ms: u64,
     idle_timeout_ms: u64,
@@ -642,6 +727,12 @@ impl Layered {
             public_url: self.public_url,
             max_connections: self.max_connections,
             client_queue: self.client_queue,
+            client_queue_bytes: self.client_queue_bytes,
+            max_rooms_per_connection: self.max_rooms_per_connection,
+            request_rate: self.request_rate,
+            direct_rate: self.direct_rate,
+            max_connections_per_user: self.max_connections_per_user,
+            max_connections_per_address: self.max_connections_per_address,
             replay_cap: self.replay_cap,
             request_timeout_ms: self.request_timeout_ms,
             idle_timeout_ms: self.idle_timeout_ms,
@@ -669,6 +760,21 @@ fn with_defaults(builder: Builder) -> Result<Builder, ConfigError> {
         .set_default("replication-factor", wide(defaults::REPLICATION_FACTOR))?
         .set_default("max-connections", wide(defaults::MAX_CONNECTIONS))?
         .set_default("client-queue", wide(defaults::CLIENT_QUEUE))?
+        .set_default("client-queue-bytes", wide(defaults::CLIENT_QUEUE_BYTES))?
+        .set_default(
+            "max-rooms-per-connection",
+            wide(defaults::MAX_ROOMS_PER_CONNECTION),
+        )?
+        .set_default("request-rate", defaults::REQUEST_RATE)?
+        .set_default("direct-rate", defaults::DIRECT_RATE)?
+        .set_default(
+            "max-connections-per-user",
+            wide(defaults::MAX_CONNECTIONS_PER_USER),
+        )?
+        .set_default(
+            "max-connections-per-address",
+            wide(defaults::MAX_CONNECTIONS_PER_ADDRESS),
+        )?
         .set_default("replay-cap", wide(defaults::REPLAY_CAP))?
         .set_default("request-timeout-ms", defaults::REQUEST_TIMEOUT_MS)?
         .set_default("idle-timeout-ms", defaults::IDLE_TIMEOUT_MS)?
@@ -698,6 +804,21 @@ fn with_flags(builder: Builder, cli: Cli) -> Result<Builder, ConfigError> {
         .set_override_option("public-url", cli.public_url)?
         .set_override_option("max-connections", cli.max_connections.map(wide))?
         .set_override_option("client-queue", cli.client_queue.map(wide))?
+        .set_override_option("client-queue-bytes", cli.client_queue_bytes.map(wide))?
+        .set_override_option(
+            "max-rooms-per-connection",
+            cli.max_rooms_per_connection.map(wide),
+        )?
+        .set_override_option("request-rate", cli.request_rate)?
+        .set_override_option("direct-rate", cli.direct_rate)?
+        .set_override_option(
+            "max-connections-per-user",
+            cli.max_connections_per_user.map(wide),
+        )?
+        .set_override_option(
+            "max-connections-per-address",
+            cli.max_connections_per_address.map(wide),
+        )?
         .set_override_option("replay-cap", cli.replay_cap.map(wide))?
         .set_override_option("request-timeout-ms", cli.request_timeout_ms)?
         .set_override_option("idle-timeout-ms", cli.idle_timeout_ms)?
@@ -1111,6 +1232,12 @@ mod tests {
         ("public-url", "http://localhost:8087"),
         ("max-connections", "500"),
         ("client-queue", "64"),
+        ("client-queue-bytes", "1048576"),
+        ("max-rooms-per-connection", "10"),
+        ("request-rate", "3"),
+        ("direct-rate", "0"),
+        ("max-connections-per-user", "4"),
+        ("max-connections-per-address", "100"),
         ("replay-cap", "50"),
         ("request-timeout-ms", "250"),
         ("idle-timeout-ms", "4321"),
@@ -1139,6 +1266,12 @@ mod tests {
             public_url: Some("http://localhost:8087".into()),
             max_connections: 500,
             client_queue: 64,
+            client_queue_bytes: 1048576,
+            max_rooms_per_connection: 10,
+            request_rate: 3,
+            direct_rate: 0,
+            max_connections_per_user: 4,
+            max_connections_per_address: 100,
             replay_cap: 50,
             request_timeout_ms: 250,
             idle_timeout_ms: 4321,
@@ -1495,6 +1628,19 @@ mod tests {
             (&["--max-text-bytes", "0"], "max-text-bytes"),
             (&["--max-connections", "0"], "max-connections"),
             (&["--client-queue", "15"], "client-queue"),
+            (&["--client-queue-bytes", "65535"], "client-queue-bytes"),
+            (
+                &["--max-rooms-per-connection", "0"],
+                "max-rooms-per-connection",
+            ),
+            (
+                &["--max-connections-per-user", "0"],
+                "max-connections-per-user",
+            ),
+            (
+                &["--max-connections-per-address", "0"],
+                "max-connections-per-address",
+            ),
             (&["--replay-cap", "0"], "replay-cap"),
             (&["--replay-cap", "100001"], "replay-cap"),
             (&["--request-timeout-ms", "99"], "request-timeout-ms"),

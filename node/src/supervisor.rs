@@ -69,6 +69,10 @@ pub struct RootArgs {
     pub room: RoomConfig,
     /// How long a request may wait for its reply.
     pub request_timeout: Duration,
+    /// Rooms one connection may have joined at once.
+    pub max_rooms_per_connection: usize,
+    /// `direct` messages per second one user receives; 0 = unlimited.
+    pub direct_rate: u32,
     /// Where the current hub is published (for the gateway).
     pub hub: Slot<HubMessage>,
     /// Where the current supervisor of sessions is published (for the gateway).
@@ -278,7 +282,7 @@ impl RootState {
                     .get_id()
             }
             Child::Directory => {
-                let args = (a.net.clone(), a.views.clone());
+                let args = (a.net.clone(), a.views.clone(), a.direct_rate);
                 Actor::spawn_linked(None, Directory, args, cell)
                     .await?
                     .0
@@ -300,6 +304,7 @@ impl RootState {
                     net: a.net.clone(),
                     views: a.views.clone(),
                     request_timeout: a.request_timeout,
+                    max_rooms_per_connection: a.max_rooms_per_connection,
                 };
                 let (hub, _) = Actor::spawn_linked(None, Hub, args, cell).await?;
                 a.hub.set(hub.clone());

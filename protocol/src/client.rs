@@ -18,6 +18,20 @@ pub const DEFAULT_HISTORY_LIMIT: u32 = 50;
 /// The longest client message id (`send.id`), in bytes.
 pub const MAX_CLIENT_ID_LEN: usize = 64;
 
+/// The length of `text` once rendered as a JSON string, quotes included: what a message costs
+/// in a frame (control characters take up to six bytes each).
+pub fn json_string_len(text: &str) -> usize {
+    let escapes: usize = text
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 1,
+            0..0x20 => 5,
+            _ => 0,
+        })
+        .sum();
+    text.len() + escapes + 2
+}
+
 /// The stable error codes a client can see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -38,11 +52,13 @@ pub enum ErrorCode {
     Unavailable,
     /// A fault on the node's side.
     Internal,
+    /// A `join` past the rooms one connection may have joined at once.
+    TooManyRooms,
 }
 
 impl ErrorCode {
     /// Every code, in the order of the protocol document.
-    pub const ALL: [ErrorCode; 8] = [
+    pub const ALL: [ErrorCode; 9] = [
         ErrorCode::BadRequest,
         ErrorCode::InvalidRoom,
         ErrorCode::NotJoined,
@@ -51,6 +67,7 @@ impl ErrorCode {
         ErrorCode::Offline,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
+        ErrorCode::TooManyRooms,
     ];
 
     /// The code as it appears on the wire.
@@ -64,6 +81,7 @@ impl ErrorCode {
             ErrorCode::Offline => "offline",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::TooManyRooms => "too_many_rooms",
         }
     }
 }
@@ -475,6 +493,21 @@ impl ServerFrame<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_string_len_is_the_rendered_length() {
+        for text in [
+            "",
+            "hi",
+            "\"quoted\" \\ back",
+            "line\nbreak\ttab",
+            "\u{1}\u{1f}\u{7f}",
+            "héllo ✓",
+        ] {
+            let rendered = serde_json::to_string(text).unwrap();
+            assert_eq!(json_string_len(text), rendered.len(), "{text:?}");
+        }
+    }
 
     fn parse(frame: &str) -> Request {
         parse_request(frame).unwrap().body

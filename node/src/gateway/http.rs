@@ -3,7 +3,7 @@
 //! | path | answer |
 //! | --- | --- |
 //! | `GET /` (and `/app.js`, `/style.css`) | the web chat client, embedded in the binary |
-//! | `GET /ws?user=NAME[&token=JWT]` | the WebSocket upgrade (400 bad name, 401 bad token, 503 full) |
+//! | `GET /ws?user=NAME[&token=JWT]` | the WebSocket upgrade (400 bad name, 401 bad token, 429 over a per-user or per-address cap, 503 full) |
 //! | `GET /healthz` | 200 once the node serves clients, 503 before and while shutting down |
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /cluster` | this node's view of the members |
@@ -14,6 +14,7 @@
 //! TCP connection gets a bare 503 and is closed, before anything is allocated for it.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -37,6 +38,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::actors::Slot;
 use crate::cluster::Views;
+use crate::gateway::admission::{Admission, Refusal, Ticket};
 use crate::gateway::auth::{AuthError, Verifier};
 use crate::gateway::outbox::outbox;
 use crate::gateway::session::{Limits, Session, SessionArgs};
@@ -63,12 +65,18 @@ pub struct GatewayConfig {
     pub max_frame_bytes: usize,
     /// Frames queued per connection before it is cut off (1013).
     pub client_queue: usize,
+    /// Bytes queued per connection before it is cut off (1013).
+    pub client_queue_bytes: usize,
     /// A client that sends nothing (not even a pong to the node's pings) this long is closed.
     pub idle_timeout: Duration,
     /// Per-connection limits.
     pub limits: Limits,
     /// Verifies tokens when an auth secret is configured.
     pub verifier: Option<Verifier>,
+    /// Connections one user may hold at once.
+    pub max_connections_per_user: usize,
+    /// WebSocket connections one remote address may hold at once.
+    pub max_connections_per_address: usize,
     /// Copies of room logs (for `/cluster/rooms/{room}`).
     pub replication_factor: usize,
 }
@@ -94,6 +102,7 @@ pub struct Gateway {
     node: GatewayLinks,
     serving: watch::Receiver<bool>,
     open: AtomicUsize,
+    admission: Arc<Admission>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -109,7 +118,12 @@ impl Gateway {
         node: GatewayLinks,
         serving: watch::Receiver<bool>,
     ) -> Arc<Gateway> {
+        let admission = Admission::new(
+            config.max_connections_per_user,
+            config.max_connections_per_address,
+        );
         Arc::new(Gateway {
+            admission,
             config,
             node,
             serving,
@@ -132,7 +146,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, mut stop: watch
                 }
             }
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
+                Ok((stream, peer)) => {
                     let open = gateway.open.fetch_add(1, Ordering::Relaxed);
                     if open >= gateway.config.max_connections + HTTP_RESERVE {
                         gateway.open.fetch_sub(1, Ordering::Relaxed);
@@ -142,7 +156,7 @@ pub async fn serve(listener: TcpListener, gateway: Arc<Gateway>, mut stop: watch
                     }
                     let gateway = gateway.clone();
                     tokio::spawn(async move {
-                        serve_connection(stream, &gateway).await;
+                        serve_connection(stream, peer.ip(), &gateway).await;
                         gateway.open.fetch_sub(1, Ordering::Relaxed);
                     });
                 }
@@ -165,13 +179,13 @@ async fn refuse(mut stream: TcpStream) {
     let _ = stream.shutdown().await;
 }
 
-async fn serve_connection(stream: TcpStream, gateway: &Arc<Gateway>) {
+async fn serve_connection(stream: TcpStream, peer: IpAddr, gateway: &Arc<Gateway>) {
     let _ = stream.set_nodelay(true);
     let service = {
         let gateway = gateway.clone();
         service_fn(move |request| {
             let gateway = gateway.clone();
-            async move { Ok::<_, std::convert::Infallible>(route(request, &gateway)) }
+            async move { Ok::<_, std::convert::Infallible>(route(request, peer, &gateway)) }
         })
     };
     let result = hyper::server::conn::http1::Builder::new()
@@ -185,7 +199,11 @@ async fn serve_connection(stream: TcpStream, gateway: &Arc<Gateway>) {
     }
 }
 
-fn route(request: Request<Incoming>, gateway: &Arc<Gateway>) -> Response<Full<Bytes>> {
+fn route(
+    request: Request<Incoming>,
+    peer: IpAddr,
+    gateway: &Arc<Gateway>,
+) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n");
     }
@@ -194,7 +212,7 @@ fn route(request: Request<Incoming>, gateway: &Arc<Gateway>) -> Response<Full<By
         "/" | "/index.html" => asset(INDEX_HTML, "text/html; charset=utf-8"),
         "/app.js" => asset(APP_JS, "text/javascript; charset=utf-8"),
         "/style.css" => asset(STYLE_CSS, "text/css; charset=utf-8"),
-        "/ws" => upgrade(request, gateway),
+        "/ws" => upgrade(request, peer, gateway),
         "/healthz" => health(gateway),
         "/metrics" => {
             let mut response = Response::new(Full::new(Bytes::from(gateway.metrics().render())));
@@ -254,7 +272,11 @@ fn room_placement(room: &str, gateway: &Gateway) -> Response<Full<Bytes>> {
 }
 
 /// Checks the upgrade request, authenticates it, answers 101 and starts the session.
-fn upgrade(mut request: Request<Incoming>, gateway: &Arc<Gateway>) -> Response<Full<Bytes>> {
+fn upgrade(
+    mut request: Request<Incoming>,
+    peer: IpAddr,
+    gateway: &Arc<Gateway>,
+) -> Response<Full<Bytes>> {
     let headers = request.headers();
     let is_upgrade = header_has(headers, header::UPGRADE, "websocket")
         && header_has(headers, header::CONNECTION, "upgrade");
@@ -314,12 +336,29 @@ fn upgrade(mut request: Request<Incoming>, gateway: &Arc<Gateway>) -> Response<F
             "node at its connection limit; try another node\n",
         );
     }
+    let ticket = match gateway.admission.admit(&user, peer) {
+        Ok(ticket) => ticket,
+        Err(refusal) => {
+            let (kind, why) = match refusal {
+                Refusal::User => ("per_user", "this user holds the most connections allowed"),
+                Refusal::Address => (
+                    "per_address",
+                    "this address holds the most connections allowed",
+                ),
+            };
+            Metrics::count(&gateway.metrics().connections_refused, kind);
+            return text(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!("{why}; close one first\n"),
+            );
+        }
+    };
     let accept = derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut request);
     let gateway = gateway.clone();
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => start_session(upgraded, user, &gateway).await,
+            Ok(upgraded) => start_session(upgraded, user, ticket, &gateway).await,
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
     });
@@ -334,17 +373,26 @@ fn upgrade(mut request: Request<Incoming>, gateway: &Arc<Gateway>) -> Response<F
     response
 }
 
-async fn start_session(upgraded: hyper::upgrade::Upgraded, user: UserName, gateway: &Gateway) {
+async fn start_session(
+    upgraded: hyper::upgrade::Upgraded,
+    user: UserName,
+    ticket: Ticket,
+    gateway: &Gateway,
+) {
     let frame = gateway.config.max_frame_bytes;
     // Buffers sized for many idle connections: tungstenite's 128 KiB defaults would cost
     // ~900 MB per 10,000 sockets. The read buffer grows only for the frame being read. Frames
     // the writer feeds in one batch are coalesced up to 8 KiB per `send` system call (0 here
     // meant one call per frame: a node saturated at ~9,100 msg/s instead of over 15,000,
     // docs/benchmarks.md); an active connection keeps that much buffer, an idle one none.
+    // The write buffer needs no bound of its own: the writer feeds one frame at a time, and each
+    // feed first flushes what is past 8 KiB, so it holds at most 8 KiB plus one frame (the
+    // outbox bounds the rest). A bound below the largest frame, a `history` page of about 1 MiB,
+    // would fail that frame's write and drop the connection.
     let config = WebSocketConfig::default()
         .read_buffer_size(4 << 10)
         .write_buffer_size(8 << 10)
-        .max_write_buffer_size(frame.max(64 << 10) * 4)
+        .max_write_buffer_size(usize::MAX)
         .max_frame_size(Some(frame))
         .max_message_size(Some(frame));
     let socket: socket::Socket =
@@ -354,7 +402,10 @@ async fn start_session(upgraded: hyper::upgrade::Upgraded, user: UserName, gatew
         tracing::warn!("no hub or session supervisor running; dropping the connection");
         return;
     };
-    let (outbox, frames, close) = outbox(gateway.config.client_queue);
+    let (outbox, frames, close) = outbox(
+        gateway.config.client_queue,
+        gateway.config.client_queue_bytes,
+    );
     let args = SessionArgs {
         id: rand::random::<u64>() | 1,
         user,
@@ -363,6 +414,7 @@ async fn start_session(upgraded: hyper::upgrade::Upgraded, user: UserName, gatew
         limits: gateway.config.limits,
         node: gateway.node.me.clone(),
         metrics: gateway.metrics().clone(),
+        ticket,
     };
     let session = match Actor::spawn_linked(None, Session, args, supervisor.get_cell()).await {
         Ok((session, _)) => session,

@@ -1,10 +1,14 @@
 //! The bounded queue of frames between the node and one client connection.
 //!
-//! Whoever delivers to a client (the hub, the session) pushes without waiting. When the queue is
-//! full the client is too slow: the outbox trips its close signal and the connection's writer
-//! task closes it with 1013, so a stalled client never slows a room or anyone else.
+//! Whoever delivers to a client (the hub, the session) pushes without waiting. The queue is
+//! bounded twice: in entries (`client-queue`) and in bytes (`client-queue-bytes`). When either is
+//! exceeded the client is too slow: the outbox trips its close signal and the connection's
+//! writer task closes it with 1013, so a stalled client never slows a room or anyone else, and
+//! never costs the node more than its byte bound plus one reply. An entry always fits in an
+//! empty queue, so a client that reads is never cut off for one large reply.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -69,11 +73,23 @@ pub enum Outgoing {
     Batch(Vec<Utf8Bytes>),
 }
 
+impl Outgoing {
+    /// The bytes of text it holds.
+    fn bytes(&self) -> usize {
+        match self {
+            Outgoing::Frame(frame) => frame.len(),
+            Outgoing::Batch(frames) => frames.iter().map(|frame| frame.len()).sum(),
+        }
+    }
+}
+
 /// The bounded queue of frames towards one client. Cheap to clone.
 #[derive(Clone)]
 pub struct Outbox {
     tx: mpsc::Sender<Outgoing>,
     close: Arc<watch::Sender<Option<Closing>>>,
+    queued: Arc<AtomicUsize>,
+    max_bytes: usize,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -98,13 +114,23 @@ impl Outbox {
     }
 
     fn queue(&self, outgoing: Outgoing) -> bool {
-        match self.tx.try_send(outgoing) {
+        let bytes = outgoing.bytes();
+        let before = self.queued.fetch_add(bytes, Ordering::Relaxed);
+        let over = before > 0 && before.saturating_add(bytes) > self.max_bytes;
+        let result = if over {
+            Err(mpsc::error::TrySendError::Full(outgoing))
+        } else {
+            self.tx.try_send(outgoing)
+        };
+        match result {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.close(Closing::TooSlow);
+            Err(refused) => {
+                self.queued.fetch_sub(bytes, Ordering::Relaxed);
+                if matches!(refused, mpsc::error::TrySendError::Full(_)) {
+                    self.close(Closing::TooSlow);
+                }
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
     }
 
@@ -131,22 +157,51 @@ impl Outbox {
     }
 }
 
-/// Creates an outbox holding up to `capacity` entries, and the ends the writer task needs.
+/// The writer's end of an outbox: takes entries off the queue and frees their bytes.
+#[derive(Debug)]
+pub struct Queue {
+    rx: mpsc::Receiver<Outgoing>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Queue {
+    /// The next entry; `None` once every outbox is gone.
+    pub async fn recv(&mut self) -> Option<Outgoing> {
+        let next = self.rx.recv().await;
+        self.taken(next)
+    }
+
+    /// The next entry if one is queued.
+    pub fn try_recv(&mut self) -> Option<Outgoing> {
+        let next = self.rx.try_recv().ok();
+        self.taken(next)
+    }
+
+    fn taken(&self, next: Option<Outgoing>) -> Option<Outgoing> {
+        if let Some(outgoing) = &next {
+            self.queued.fetch_sub(outgoing.bytes(), Ordering::Relaxed);
+        }
+        next
+    }
+}
+
+/// Creates an outbox holding up to `capacity` entries and `max_bytes` bytes (one entry always
+/// fits in an empty queue), and the ends the writer task needs.
 pub fn outbox(
     capacity: usize,
-) -> (
-    Outbox,
-    mpsc::Receiver<Outgoing>,
-    watch::Receiver<Option<Closing>>,
-) {
+    max_bytes: usize,
+) -> (Outbox, Queue, watch::Receiver<Option<Closing>>) {
     let (tx, rx) = mpsc::channel(capacity);
     let (close_tx, close_rx) = watch::channel(None);
+    let queued = Arc::new(AtomicUsize::new(0));
     (
         Outbox {
             tx,
             close: Arc::new(close_tx),
+            queued: queued.clone(),
+            max_bytes,
         },
-        rx,
+        Queue { rx, queued },
         close_rx,
     )
 }
@@ -157,7 +212,7 @@ mod tests {
 
     #[test]
     fn a_full_outbox_closes_with_1013_and_the_first_reason_wins() {
-        let (outbox, _rx, close) = outbox(2);
+        let (outbox, _rx, close) = outbox(2, 1 << 20);
         assert!(outbox.push_text("a".into()));
         assert!(outbox.push_text("b".into()));
         assert!(!outbox.is_closing());
@@ -171,5 +226,29 @@ mod tests {
         assert_eq!(Closing::TooSlow.frame().code, CloseCode::Again);
         assert_eq!(u16::from(Closing::TooLarge.frame().code), 1009);
         assert_eq!(u16::from(Closing::Shutdown.frame().code), 1001);
+    }
+
+    #[test]
+    fn the_byte_bound_closes_with_1013_but_one_entry_always_fits_an_empty_queue() {
+        let (outbox, mut queue, close) = outbox(1024, 100);
+        assert!(
+            outbox.push_batch(vec!["x".repeat(300).into()]),
+            "an empty queue takes it"
+        );
+        assert!(!outbox.is_closing());
+        assert!(
+            queue.try_recv().is_some(),
+            "the writer takes it; its bytes are freed"
+        );
+        assert!(outbox.push_text("a".repeat(60)));
+        assert!(outbox.push_text("b".repeat(40)), "exactly the bound");
+        assert!(!outbox.is_closing());
+        assert!(!outbox.push_text("c".into()), "one byte past the bound");
+        assert_eq!(*close.borrow(), Some(Closing::TooSlow));
+        assert_eq!(
+            queue.queued.load(Ordering::Relaxed),
+            100,
+            "the refused frame is not counted"
+        );
     }
 }

@@ -21,6 +21,7 @@ use serde_json::value::RawValue;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use crate::gateway::admission::Ticket;
 use crate::gateway::outbox::{Closing, Outbox};
 use crate::gateway::rate::RateLimit;
 use crate::hub::{HubMessage, HubRequest};
@@ -33,6 +34,8 @@ pub struct Limits {
     pub max_text_bytes: usize,
     /// `send` + `direct` per second; 0 = unlimited.
     pub rate_limit: u32,
+    /// `join` + `leave` + `history` + `who` per second; 0 = unlimited.
+    pub request_rate: u32,
 }
 
 /// The Session actor.
@@ -56,6 +59,8 @@ pub struct SessionArgs {
     pub node: NodeName,
     /// Metrics.
     pub metrics: Metrics,
+    /// The connection's place under the per-user and per-address caps.
+    pub ticket: Ticket,
 }
 
 /// Messages of a session.
@@ -78,6 +83,7 @@ struct Guard {
     outbox: Outbox,
     metrics: Metrics,
     closing: Closing,
+    _ticket: Ticket,
 }
 
 impl Drop for Guard {
@@ -97,6 +103,7 @@ pub struct SessionState {
     limits: Limits,
     metrics: Metrics,
     rate: RateLimit,
+    requests: RateLimit,
     guard: Guard,
     span: tracing::Span,
 }
@@ -135,6 +142,7 @@ impl Actor for Session {
                 outbox: args.outbox.clone(),
                 metrics: args.metrics.clone(),
                 closing: Closing::Internal,
+                _ticket: args.ticket,
             },
             id: args.id,
             user: args.user,
@@ -143,6 +151,7 @@ impl Actor for Session {
             limits: args.limits,
             metrics: args.metrics,
             rate: RateLimit::new(args.limits.rate_limit, Instant::now()),
+            requests: RateLimit::new(args.limits.request_rate, Instant::now()),
             span,
         })
     }
@@ -186,6 +195,21 @@ impl Actor for Session {
 impl SessionState {
     fn handle(&mut self, request: ClientRequest) {
         let reference = request.reference;
+        let reads_a_room = matches!(
+            request.body,
+            Request::Join { .. }
+                | Request::Leave { .. }
+                | Request::History { .. }
+                | Request::Who { .. }
+        );
+        if reads_a_room && !self.requests.allow(Instant::now()) {
+            self.error(
+                reference.as_deref(),
+                ErrorCode::RateLimited,
+                "too many join, leave, history or who requests; slow down",
+            );
+            return;
+        }
         match request.body {
             Request::Ping => {
                 self.outbox.push_text(

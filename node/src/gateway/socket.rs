@@ -18,11 +18,11 @@ use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use ractor::ActorRef;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, watch};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use crate::gateway::outbox::{Closing, Outbox, Outgoing};
+use crate::gateway::outbox::{Closing, Outbox, Outgoing, Queue};
 use crate::gateway::session::SessionMessage;
 use crate::metrics::Metrics;
 
@@ -53,7 +53,7 @@ async fn feed(sink: &mut SplitSink<Socket, Message>, outgoing: Outgoing) -> Resu
 /// the session.
 pub async fn write_loop(
     mut sink: SplitSink<Socket, Message>,
-    mut queue: mpsc::Receiver<Outgoing>,
+    mut queue: Queue,
     mut close: watch::Receiver<Option<Closing>>,
     reader: tokio::task::AbortHandle,
     session: ActorRef<SessionMessage>,
@@ -86,8 +86,8 @@ pub async fn write_loop(
             };
             while sent < 64 {
                 match queue.try_recv() {
-                    Ok(next) => sent += feed(&mut sink, next).await?,
-                    Err(_) => break,
+                    Some(next) => sent += feed(&mut sink, next).await?,
+                    None => break,
                 }
             }
             sink.flush().await?;
@@ -114,7 +114,7 @@ pub async fn write_loop(
         if let Some(why) = why {
             if why != Closing::TooSlow {
                 // Deliver what was queued before the close (replies, last messages).
-                while let Ok(next) = queue.try_recv() {
+                while let Some(next) = queue.try_recv() {
                     if feed(&mut sink, next).await.is_err() {
                         return;
                     }

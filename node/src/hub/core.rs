@@ -177,6 +177,7 @@ pub struct HubCore {
     rooms: HashMap<RoomId, LocalRoom>,
     pending: HashMap<u64, Pending>,
     effects: Vec<HubEffect>,
+    max_rooms: usize,
 }
 
 impl HubCore {
@@ -201,6 +202,7 @@ impl HubCore {
             rooms: HashMap::new(),
             pending: HashMap::new(),
             effects: Vec::new(),
+            max_rooms: usize::MAX,
         };
         for node in core.view.up().cloned().collect::<Vec<_>>() {
             let me = core.me.clone();
@@ -214,6 +216,13 @@ impl HubCore {
             ));
         }
         core
+    }
+
+    /// Caps the rooms one connection may have joined at once (`max-rooms-per-connection`); a
+    /// `join` past it gets `too_many_rooms`. Unlimited by default.
+    pub fn with_max_rooms(mut self, max_rooms: usize) -> HubCore {
+        self.max_rooms = max_rooms;
+        self
     }
 
     /// The effects decided since the last call, in order.
@@ -309,6 +318,20 @@ impl HubCore {
                 ErrorCode::NotJoined,
                 "join the room before sending to it",
             );
+            return;
+        }
+        if let HubRequest::Room {
+            room,
+            op: RoomOp::Join { .. },
+        } = &request
+            && local.rooms.len() >= self.max_rooms
+            && !local.rooms.contains(room)
+        {
+            let message = format!(
+                "this connection has joined {} rooms, the most it may; leave one first",
+                local.rooms.len()
+            );
+            self.error(session, reference, ErrorCode::TooManyRooms, &message);
             return;
         }
         let origin = Origin {
@@ -919,6 +942,52 @@ mod tests {
         );
         hub.take_effects();
         (hub, now)
+    }
+
+    #[test]
+    fn a_join_past_the_room_cap_gets_too_many_rooms_and_a_leave_makes_room() {
+        let now = Instant::now();
+        let mut hub = HubCore::new(
+            node("a"),
+            view(&["a", "b", "c"], 1, 1),
+            Duration::from_secs(5),
+            1,
+        )
+        .with_max_rooms(2);
+        hub.register(1, user("alice"));
+        let ask = |hub: &mut HubCore, name: &str, leave: bool| {
+            let room = RoomId::new(name).unwrap();
+            let op = if leave {
+                RoomOp::Leave {
+                    session: 1,
+                    user: user("alice"),
+                }
+            } else {
+                RoomOp::Join {
+                    session: 1,
+                    user: user("alice"),
+                    since: None,
+                }
+            };
+            hub.request(1, None, HubRequest::Room { room, op }, now);
+            hub.take_effects().into_iter().find_map(|e| match e {
+                HubEffect::Reply {
+                    reply: Reply::Failed { code, .. },
+                    ..
+                } => Some(code),
+                _ => None,
+            })
+        };
+        assert_eq!(ask(&mut hub, "r1", false), None);
+        assert_eq!(ask(&mut hub, "r2", false), None);
+        assert_eq!(
+            ask(&mut hub, "r2", false),
+            None,
+            "joining a joined room again is fine"
+        );
+        assert_eq!(ask(&mut hub, "r3", false), Some(ErrorCode::TooManyRooms));
+        assert_eq!(ask(&mut hub, "r1", true), None);
+        assert_eq!(ask(&mut hub, "r3", false), None, "a leave frees a place");
     }
 
     fn fanout(hub: &mut HubCore, seqs: &[u64], now: Instant) -> Vec<u64> {

@@ -47,8 +47,11 @@ const QUEUE_MAX: usize = 4096;
 const CHUNK_ENTRIES: usize = 512;
 /// Text bytes per replay, catch-up or append chunk, about.
 const CHUNK_BYTES: usize = 1 << 20;
-/// Text bytes per join replay, about (the replay travels in one message).
+/// Rendered bytes of a catch-up sent to a node's hub after a move, about (one message).
 const REPLAY_BYTES: usize = 4 << 20;
+/// Rendered bytes of a `join` replay or a `history` reply, about: what one reply may add to a
+/// client's queue, well below `client-queue-bytes`.
+const PAGE_BYTES: usize = 1 << 20;
 /// Entries sent to a node and not yet acknowledged, at most (the replication window).
 const WINDOW_ENTRIES: u64 = 8192;
 /// A claim not answered in this time starts over with a higher epoch.
@@ -1045,7 +1048,7 @@ impl RoomCore {
                 let replay = match since {
                     Some(since) if since < seq => {
                         let from = since.max(seq.saturating_sub(self.config.replay_cap as u64)) + 1;
-                        self.newest(from, seq, REPLAY_BYTES)
+                        self.newest(from, seq, PAGE_BYTES)
                     }
                     _ => Vec::new(),
                 };
@@ -1084,7 +1087,7 @@ impl RoomCore {
                     Vec::new()
                 } else {
                     let from = before.saturating_sub(u64::from(limit)).max(1);
-                    self.newest(from, before - 1, REPLAY_BYTES)
+                    self.newest(from, before - 1, PAGE_BYTES)
                 };
                 self.reply(
                     &origin,
@@ -1324,12 +1327,14 @@ impl RoomCore {
     }
 
     /// The newest entries of `from..=to` that fit in about `max_bytes`, oldest first.
+    /// The newest entries of `from..=to` whose rendered frames fit in about `max_bytes` (always
+    /// at least one).
     fn newest(&self, from: u64, to: u64, max_bytes: usize) -> Vec<Entry> {
         let mut entries = self.range(from, to, usize::MAX);
-        let mut bytes: usize = entries.iter().map(|e| e.text.len() + 64).sum();
+        let mut bytes: usize = entries.iter().map(rendered_len).sum();
         let mut drop = 0;
         while bytes > max_bytes && drop + 1 < entries.len() {
-            bytes -= entries[drop].text.len() + 64;
+            bytes -= rendered_len(&entries[drop]);
             drop += 1;
         }
         entries.drain(..drop);
@@ -1403,6 +1408,15 @@ fn chunks(entries: Vec<Entry>) -> Vec<Vec<Entry>> {
         out.push(current);
     }
     out
+}
+
+/// About the bytes of an entry's `message` frame: the text as rendered in JSON, plus the fields
+/// around it.
+fn rendered_len(entry: &Entry) -> usize {
+    chat_protocol::client::json_string_len(&entry.text)
+        + entry.from.as_str().len()
+        + entry.client_id.as_deref().map_or(0, str::len)
+        + 96
 }
 
 #[cfg(test)]
