@@ -94,8 +94,10 @@ const KEYS: &[&str] = &[
     "cluster-listen",
     "seeds",
     "cookie",
+    "cookie-file",
     "data-dir",
     "auth-secret",
+    "auth-secret-file",
     "max-frame-bytes",
     "max-text-bytes",
     "rate-limit",
@@ -125,6 +127,9 @@ const KEYS: &[&str] = &[
 const ENV_PREFIX: &str = "CHAT_";
 /// The environment variable naming the config file; `--config` beats it.
 const CONFIG_VAR: &str = "CHAT_CONFIG";
+/// The shortest cookie accepted, in bytes: a short one could be guessed from a captured
+/// challenge.
+const MIN_COOKIE_BYTES: usize = 16;
 /// What `Debug` prints instead of a secret.
 const REDACTED: &str = "***";
 /// `failure-timeout-ms` must exceed this many heartbeat intervals, so that a few lost or late
@@ -346,15 +351,21 @@ pub struct Cli {
     /// Comma-separated node-to-node addresses to join through (host names allowed)
     #[arg(long, value_name = "HOST:PORT,...")]
     pub seeds: Option<String>,
-    /// Shared cluster secret; required with --cluster-listen
+    /// Shared cluster secret, at least 16 bytes; required with --cluster-listen
     #[arg(long, value_name = "SECRET")]
     pub cookie: Option<String>,
+    /// File holding the cookie (a Docker or Kubernetes secret), instead of --cookie
+    #[arg(long, value_name = "FILE")]
+    pub cookie_file: Option<String>,
     /// Where the node keeps its data [default: ./data/NAME]
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<String>,
     /// HS256 secret of client JWTs; unset = the `user` parameter is trusted
     #[arg(long, value_name = "SECRET")]
     pub auth_secret: Option<String>,
+    /// File holding the auth secret (a Docker or Kubernetes secret), instead of --auth-secret
+    #[arg(long, value_name = "FILE")]
+    pub auth_secret_file: Option<String>,
     /// Largest WebSocket frame / message accepted, else close 1009 [default: 65536]
     #[arg(long, value_name = "BYTES")]
     pub max_frame_bytes: Option<usize>,
@@ -497,6 +508,17 @@ impl Settings {
             check_addr("seeds", seed, Port::NonZero)?;
         }
         check_secret("cookie", self.cookie.as_deref())?;
+        if let Some(cookie) = &self.cookie
+            && cookie.len() < MIN_COOKIE_BYTES
+        {
+            return Err(invalid(
+                "cookie",
+                format!(
+                    "must be at least {MIN_COOKIE_BYTES} bytes (got {}); e.g. `openssl rand -hex 32`",
+                    cookie.len()
+                ),
+            ));
+        }
         check_secret("auth-secret", self.auth_secret.as_deref())?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data-dir", "must not be empty"));
@@ -673,8 +695,10 @@ struct Layered {
     #[serde(deserialize_with = "comma_list")]
     seeds: Vec<String>,
     cookie: Option<String>,
+    cookie_file: Option<PathBuf>,
     data_dir: Option<PathBuf>,
     auth_secret: Option<String>,
+    auth_secret_file: Option<PathBuf>,
     max_frame_bytes: usize,
     max_text_bytes: usize,
     rate_limit: u32,
@@ -711,14 +735,21 @@ impl Layered {
         let data_dir = self
             .data_dir
             .unwrap_or_else(|| Path::new(defaults::DATA_ROOT).join(name.as_str()));
+        let cookie = secret("cookie", self.cookie, "cookie-file", self.cookie_file)?;
+        let auth_secret = secret(
+            "auth-secret",
+            self.auth_secret,
+            "auth-secret-file",
+            self.auth_secret_file,
+        )?;
         Ok(Settings {
             name,
             listen: self.listen,
             cluster_listen: self.cluster_listen,
             seeds: self.seeds,
-            cookie: self.cookie,
+            cookie,
             data_dir,
-            auth_secret: self.auth_secret,
+            auth_secret,
             max_frame_bytes: self.max_frame_bytes,
             max_text_bytes: self.max_text_bytes,
             rate_limit: self.rate_limit,
@@ -794,8 +825,10 @@ fn with_flags(builder: Builder, cli: Cli) -> Result<Builder, ConfigError> {
         .set_override_option("cluster-listen", cli.cluster_listen)?
         .set_override_option("seeds", cli.seeds)?
         .set_override_option("cookie", cli.cookie)?
+        .set_override_option("cookie-file", cli.cookie_file)?
         .set_override_option("data-dir", cli.data_dir)?
         .set_override_option("auth-secret", cli.auth_secret)?
+        .set_override_option("auth-secret-file", cli.auth_secret_file)?
         .set_override_option("max-frame-bytes", cli.max_frame_bytes.map(wide))?
         .set_override_option("max-text-bytes", cli.max_text_bytes.map(wide))?
         .set_override_option("rate-limit", cli.rate_limit)?
@@ -1142,6 +1175,28 @@ fn at_least(key: &'static str, value: u64, min: u64) -> Result<(), SettingsError
 }
 
 /// A malformed-value error for `key`.
+/// A secret given directly (`key`) or in a file (`file_key`), not both. The file's content is
+/// the secret, without a trailing line break.
+fn secret(
+    key: &'static str,
+    value: Option<String>,
+    file_key: &'static str,
+    file: Option<PathBuf>,
+) -> Result<Option<String>, SettingsError> {
+    match (value, file) {
+        (Some(_), Some(_)) => Err(invalid(
+            file_key,
+            format!("give `{key}` or `{file_key}`, not both"),
+        )),
+        (value, None) => Ok(value),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| invalid(file_key, format!("cannot read {}: {e}", path.display())))?;
+            Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()))
+        }
+    }
+}
+
 fn invalid(key: &'static str, reason: impl Into<String>) -> SettingsError {
     SettingsError::Invalid {
         key,
@@ -1211,6 +1266,9 @@ mod tests {
         }
     }
 
+    /// Settings naming a file that holds a secret: read when the settings load, never kept.
+    const FILE_KEYS: &[&str] = &["cookie-file", "auth-secret-file"];
+
     fn defaults() -> Settings {
         load_ok(&[], &[])
     }
@@ -1221,7 +1279,7 @@ mod tests {
         ("listen", "0.0.0.0:9090"),
         ("cluster-listen", "0.0.0.0:7007"),
         ("seeds", "n1:7000,n2:7000"),
-        ("cookie", "sesame"),
+        ("cookie", "sesame-sesame-sesame"),
         ("data-dir", "/srv/chat/n7"),
         ("auth-secret", "jwt-secret"),
         ("max-frame-bytes", "131072"),
@@ -1255,7 +1313,7 @@ mod tests {
             listen: "0.0.0.0:9090".into(),
             cluster_listen: Some("0.0.0.0:7007".into()),
             seeds: vec!["n1:7000".into(), "n2:7000".into()],
-            cookie: Some("sesame".into()),
+            cookie: Some("sesame-sesame-sesame".into()),
             data_dir: PathBuf::from("/srv/chat/n7"),
             auth_secret: Some("jwt-secret".into()),
             max_frame_bytes: 131_072,
@@ -1362,7 +1420,15 @@ mod tests {
     #[test]
     fn every_setting_works_as_flag_env_var_and_file_key() {
         let keys: Vec<&str> = NON_DEFAULTS.iter().map(|(key, _)| *key).collect();
-        assert_eq!(keys, KEYS, "NON_DEFAULTS covers every setting, in order");
+        let settings: Vec<&str> = KEYS
+            .iter()
+            .copied()
+            .filter(|k| !FILE_KEYS.contains(k))
+            .collect();
+        assert_eq!(
+            keys, settings,
+            "NON_DEFAULTS covers every setting but the files, in order"
+        );
 
         let args: Vec<String> = NON_DEFAULTS
             .iter()
@@ -1526,8 +1592,62 @@ mod tests {
             "`cookie` is required when `cluster-listen` is set"
         );
         assert_eq!(err.key(), "cookie");
-        let env = [("CHAT_COOKIE", "sesame")];
+        let env = [("CHAT_COOKIE", "sesame-sesame-sesame")];
         assert!(load(&["--cluster-listen", "0.0.0.0:7000"], &env).is_ok());
+    }
+
+    #[test]
+    fn a_cookie_shorter_than_16_bytes_is_refused() {
+        let err = settings_error(&["--cookie", "fifteen-bytes-x"], &[]);
+        assert_eq!(err.key(), "cookie");
+        assert!(err.to_string().contains("at least 16 bytes"), "{err}");
+        assert!(load(&["--cookie", "sixteen-bytes-xx"], &[]).is_ok());
+    }
+
+    #[test]
+    fn secrets_are_read_from_files_without_the_line_break_and_never_twice() {
+        let cookie = TempToml::new("cookie-from-a-secret-file\n");
+        let auth = TempToml::new("auth-from-a-file");
+        let settings = load_ok(
+            &[
+                "--cookie-file",
+                cookie.path(),
+                "--auth-secret-file",
+                auth.path(),
+            ],
+            &[],
+        );
+        assert_eq!(
+            settings.cookie.as_deref(),
+            Some("cookie-from-a-secret-file")
+        );
+        assert_eq!(settings.auth_secret.as_deref(), Some("auth-from-a-file"));
+        let env = [("CHAT_COOKIE_FILE", cookie.path())];
+        assert_eq!(
+            load_ok(&[], &env).cookie.as_deref(),
+            Some("cookie-from-a-secret-file")
+        );
+        let both = settings_error(
+            &[
+                "--cookie",
+                "sixteen-bytes-xx",
+                "--cookie-file",
+                cookie.path(),
+            ],
+            &[],
+        );
+        assert_eq!(both.key(), "cookie-file");
+        let missing = settings_error(&["--auth-secret-file", "/nonexistent/secret"], &[]);
+        assert_eq!(missing.key(), "auth-secret-file");
+        assert!(
+            missing.to_string().contains("/nonexistent/secret"),
+            "{missing}"
+        );
+        let short = TempToml::new("short\n");
+        assert_eq!(
+            settings_error(&["--cookie-file", short.path()], &[]).key(),
+            "cookie"
+        );
     }
 
     #[test]
@@ -1747,8 +1867,10 @@ mod tests {
         "name",
         "cluster-listen",
         "cookie",
+        "cookie-file",
         "data-dir",
         "auth-secret",
+        "auth-secret-file",
         "advertise",
         "public-url",
     ];
@@ -1787,8 +1909,10 @@ mod tests {
 
     #[test]
     fn default_toml_examples_are_valid() {
+        // The `*-file` examples name secrets of a deployment, which a test cannot read.
         let every_line: String = default_toml_lines()
             .into_iter()
+            .filter(|(key, _)| !FILE_KEYS.contains(key))
             .map(|(_, line)| line + "\n")
             .collect();
         let file = TempToml::new(&every_line);

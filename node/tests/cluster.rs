@@ -557,7 +557,7 @@ async fn a_wrong_cookie_never_becomes_a_member() {
                 .unwrap_or(0.0),
         );
     }
-    let intruder = cluster.spawn_outsider("n4", 4, "wrong");
+    let intruder = cluster.spawn_outsider("n4", 4, "a-wrong-cookie-for-n4");
     let start = Instant::now();
     while health_status(intruder.http).await.is_none() {
         assert!(

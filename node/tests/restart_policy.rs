@@ -335,7 +335,7 @@ async fn a_failed_cluster_supervisor_is_restarted_with_its_actors_and_the_node_s
     let mut settings = Settings::single_node();
     settings.data_dir = dir.path().join("c1");
     settings.cluster_listen = Some("127.0.0.1:0".into());
-    settings.cookie = Some("restart-policy".into());
+    settings.cookie = Some("restart-policy-cookie".into());
     let node = start_node(settings)
         .await
         .unwrap_or_else(|e| panic!("the node does not start: {e:#}"));

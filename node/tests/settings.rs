@@ -62,6 +62,20 @@ fn cluster_listen_without_cookie_refuses_to_start_naming_cookie() {
 }
 
 #[test]
+fn a_short_cookie_refuses_to_start_and_says_why() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cluster = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let args = args_with(&dir, &["--cluster-listen", &cluster, "--cookie", "secret"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, stderr) = run_to_exit(&args, &[]);
+    assert!(code.is_some_and(|c| c != 0), "exit code {code:?}: {stderr}");
+    assert!(
+        stderr.contains("`cookie`") && stderr.contains("at least 16 bytes"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn an_invalid_value_refuses_to_start_naming_its_key() {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("typo.toml");

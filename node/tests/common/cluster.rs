@@ -17,7 +17,7 @@ use serde_json::Value;
 use super::{NodeProcess, http_get};
 
 /// The cookie every test cluster shares.
-pub const COOKIE: &str = "test-cookie";
+pub const COOKIE: &str = "test-cookie-of-the-suite";
 
 /// How long a cluster may take to form (start-up of debug binaries on a loaded machine).
 pub const FORM_TIMEOUT: Duration = Duration::from_secs(30);
