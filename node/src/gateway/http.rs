@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use chat_protocol::{NodeName, RoomId, UserName};
+use chat_protocol::{InvalidId, NodeName, RoomId, UserName};
 use futures_util::StreamExt;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -199,22 +199,77 @@ async fn serve_connection(stream: TcpStream, peer: IpAddr, gateway: &Arc<Gateway
     }
 }
 
+/// Where a request goes, decided from its method and path alone (the pure part of routing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Not GET or HEAD: 405.
+    MethodNotAllowed,
+    /// An embedded file of the web client.
+    Asset {
+        /// The file.
+        body: &'static str,
+        /// Its `content-type`.
+        content_type: &'static str,
+    },
+    /// `/ws`: the WebSocket upgrade.
+    WebSocket,
+    /// `/healthz`.
+    Health,
+    /// `/metrics`.
+    Metrics,
+    /// `/cluster`.
+    Cluster,
+    /// `/cluster/rooms/{room}` with a valid (percent-decoded) room.
+    RoomPlacement(RoomId),
+    /// `/cluster/rooms/{room}` with an invalid room: 400.
+    InvalidRoom,
+    /// Anything else: 404.
+    NotFound,
+}
+
+/// Routes a request by its method and path (without the query).
+pub fn route_of(method: &Method, path: &str) -> Route {
+    if method != Method::GET && method != Method::HEAD {
+        return Route::MethodNotAllowed;
+    }
+    match path {
+        "/" | "/index.html" => Route::Asset {
+            body: INDEX_HTML,
+            content_type: "text/html; charset=utf-8",
+        },
+        "/app.js" => Route::Asset {
+            body: APP_JS,
+            content_type: "text/javascript; charset=utf-8",
+        },
+        "/style.css" => Route::Asset {
+            body: STYLE_CSS,
+            content_type: "text/css; charset=utf-8",
+        },
+        "/ws" => Route::WebSocket,
+        "/healthz" => Route::Health,
+        "/metrics" => Route::Metrics,
+        "/cluster" => Route::Cluster,
+        _ => match path.strip_prefix("/cluster/rooms/") {
+            Some(room) => match RoomId::new(&percent_decode(room)) {
+                Ok(room) => Route::RoomPlacement(room),
+                Err(_) => Route::InvalidRoom,
+            },
+            None => Route::NotFound,
+        },
+    }
+}
+
 fn route(
     request: Request<Incoming>,
     peer: IpAddr,
     gateway: &Arc<Gateway>,
 ) -> Response<Full<Bytes>> {
-    if request.method() != Method::GET && request.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n");
-    }
-    let path = request.uri().path().to_owned();
-    match path.as_str() {
-        "/" | "/index.html" => asset(INDEX_HTML, "text/html; charset=utf-8"),
-        "/app.js" => asset(APP_JS, "text/javascript; charset=utf-8"),
-        "/style.css" => asset(STYLE_CSS, "text/css; charset=utf-8"),
-        "/ws" => upgrade(request, peer, gateway),
-        "/healthz" => health(gateway),
-        "/metrics" => {
+    match route_of(request.method(), request.uri().path()) {
+        Route::MethodNotAllowed => text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n"),
+        Route::Asset { body, content_type } => asset(body, content_type),
+        Route::WebSocket => upgrade(request, peer, gateway),
+        Route::Health => health(gateway),
+        Route::Metrics => {
             let mut response = Response::new(Full::new(Bytes::from(gateway.metrics().render())));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -222,17 +277,19 @@ fn route(
             );
             response
         }
-        "/cluster" => {
+        Route::Cluster => {
             let view = gateway.node.views.borrow().clone();
             json(
                 StatusCode::OK,
                 &serde_json::json!({ "node": view.me, "members": view.members, "quorum": view.quorum }),
             )
         }
-        _ => match path.strip_prefix("/cluster/rooms/") {
-            Some(room) => room_placement(room, gateway),
-            None => text(StatusCode::NOT_FOUND, "not found\n"),
-        },
+        Route::RoomPlacement(room) => room_placement(&room, gateway),
+        Route::InvalidRoom => json(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({ "error": "invalid_room" }),
+        ),
+        Route::NotFound => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
@@ -251,16 +308,9 @@ fn health(gateway: &Gateway) -> Response<Full<Bytes>> {
     )
 }
 
-fn room_placement(room: &str, gateway: &Gateway) -> Response<Full<Bytes>> {
-    let room = percent_decode(room);
-    let Ok(room) = RoomId::new(&room) else {
-        return json(
-            StatusCode::BAD_REQUEST,
-            &serde_json::json!({ "error": "invalid_room" }),
-        );
-    };
+fn room_placement(room: &RoomId, gateway: &Gateway) -> Response<Full<Bytes>> {
     let view = gateway.node.views.borrow().clone();
-    let placement = view.room_placement(&room, gateway.config.replication_factor);
+    let placement = view.room_placement(room, gateway.config.replication_factor);
     json(
         StatusCode::OK,
         &serde_json::json!({
@@ -291,21 +341,18 @@ fn upgrade(
             "expected a WebSocket upgrade (version 13)\n",
         );
     };
-    let query = parse_query(request.uri().query().unwrap_or(""));
-    let named = match query.get("user") {
-        Some(name) => match UserName::new(name) {
-            Ok(user) => Some(user),
-            Err(e) => {
-                Metrics::count(&gateway.metrics().connections_refused, "bad_request");
-                return text(StatusCode::BAD_REQUEST, &format!("bad user name: {e}\n"));
-            }
-        },
-        None => None,
+    let query = match ws_query(request.uri().query().unwrap_or("")) {
+        Ok(query) => query,
+        Err(e) => {
+            Metrics::count(&gateway.metrics().connections_refused, "bad_request");
+            return text(StatusCode::BAD_REQUEST, &format!("bad user name: {e}\n"));
+        }
     };
-    let user = match (&gateway.config.verifier, named) {
+    let user = match (&gateway.config.verifier, query.user) {
         (Some(verifier), _) => {
             let checked = query
-                .get("token")
+                .token
+                .as_deref()
                 .ok_or(AuthError::Missing)
                 .and_then(|token| verifier.verify(token, now_secs()));
             match checked {
@@ -445,8 +492,30 @@ fn header_has(headers: &hyper::HeaderMap, name: header::HeaderName, token: &str)
     })
 }
 
+/// What the query string of `/ws` carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WsQuery {
+    /// `user`, when given (it must then be a valid name).
+    pub user: Option<UserName>,
+    /// `token`, when given (checked later, against the configured secret).
+    pub token: Option<String>,
+}
+
+/// Parses the query string of `/ws`; a `user` that is not a valid user name is an error.
+pub fn ws_query(query: &str) -> Result<WsQuery, InvalidId> {
+    let mut query = parse_query(query);
+    let user = query
+        .get("user")
+        .map(|name| UserName::new(name))
+        .transpose()?;
+    Ok(WsQuery {
+        user,
+        token: query.remove("token"),
+    })
+}
+
 /// Parses `a=1&b=2` with percent-decoding; the first value of a repeated key wins.
-fn parse_query(query: &str) -> HashMap<String, String> {
+pub fn parse_query(query: &str) -> HashMap<String, String> {
     let mut out = HashMap::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -463,15 +532,14 @@ fn percent_decode(input: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
-                    Some(b) => {
-                        out.push(b);
+                // Two hex digits exactly: `u8::from_str_radix` would also take a sign ("%+1").
+                let digit = |b: u8| char::from(b).to_digit(16);
+                match (digit(bytes[i + 1]), digit(bytes[i + 2])) {
+                    (Some(high), Some(low)) => {
+                        out.push((high * 16 + low) as u8);
                         i += 3;
                     }
-                    None => {
+                    _ => {
                         out.push(b'%');
                         i += 1;
                     }
@@ -542,5 +610,54 @@ mod tests {
         assert_eq!(q["token"], "a.b.c");
         assert_eq!(q["x"], "");
         assert_eq!(q["bad"], "%zz%4");
+    }
+
+    #[test]
+    fn a_percent_takes_two_hex_digits_and_no_sign() {
+        // Found by fuzz/fuzz_targets/http_router.rs: "%+3" was decoded as the byte 3.
+        assert_eq!(percent_decode("%+3A"), "% 3A");
+        assert_eq!(percent_decode("%-1%41%4a%C3%A9"), "%-1AJé");
+    }
+
+    #[test]
+    fn routes_by_method_and_path() {
+        assert_eq!(route_of(&Method::POST, "/healthz"), Route::MethodNotAllowed);
+        assert_eq!(route_of(&Method::HEAD, "/healthz"), Route::Health);
+        assert_eq!(route_of(&Method::GET, "/ws"), Route::WebSocket);
+        assert!(matches!(
+            route_of(&Method::GET, "/"),
+            Route::Asset {
+                body: INDEX_HTML,
+                ..
+            }
+        ));
+        assert_eq!(
+            route_of(&Method::GET, "/cluster/rooms/team%3Aeng"),
+            Route::RoomPlacement(RoomId::new("team:eng").unwrap())
+        );
+        assert_eq!(
+            route_of(&Method::GET, "/cluster/rooms/a%20b"),
+            Route::InvalidRoom
+        );
+        assert_eq!(
+            route_of(&Method::GET, "/cluster/rooms/"),
+            Route::InvalidRoom
+        );
+        assert_eq!(route_of(&Method::GET, "/nope"), Route::NotFound);
+    }
+
+    #[test]
+    fn ws_query_takes_user_and_token() {
+        let q = ws_query("user=alice&token=a.b.c").unwrap();
+        assert_eq!(q.user, Some(UserName::new("alice").unwrap()));
+        assert_eq!(q.token.as_deref(), Some("a.b.c"));
+        assert_eq!(
+            ws_query("").unwrap(),
+            WsQuery {
+                user: None,
+                token: None
+            }
+        );
+        assert!(ws_query("user=a%20b").is_err());
     }
 }
