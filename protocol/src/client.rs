@@ -38,11 +38,13 @@ pub enum ErrorCode {
     Unavailable,
     /// A fault on the node's side.
     Internal,
+    /// A `refresh` whose token is invalid or names another user; nothing changed.
+    Unauthorized,
 }
 
 impl ErrorCode {
     /// Every code, in the order of the protocol document.
-    pub const ALL: [ErrorCode; 8] = [
+    pub const ALL: [ErrorCode; 9] = [
         ErrorCode::BadRequest,
         ErrorCode::InvalidRoom,
         ErrorCode::NotJoined,
@@ -51,6 +53,7 @@ impl ErrorCode {
         ErrorCode::Offline,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
+        ErrorCode::Unauthorized,
     ];
 
     /// The code as it appears on the wire.
@@ -64,6 +67,7 @@ impl ErrorCode {
             ErrorCode::Offline => "offline",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unauthorized => "unauthorized",
         }
     }
 }
@@ -127,6 +131,17 @@ pub enum Request {
     },
     /// Asks for a `pong`.
     Ping,
+    /// Replaces the connection's token with a fresher one of the same user.
+    Refresh {
+        /// The new token (JWT).
+        token: String,
+    },
+    /// Authenticates a connection that gave no token in its upgrade request; valid only as the
+    /// first frame.
+    Auth {
+        /// The token (JWT).
+        token: String,
+    },
 }
 
 impl Request {
@@ -140,6 +155,8 @@ impl Request {
             Request::Who { .. } => "who",
             Request::Direct { .. } => "direct",
             Request::Ping => "ping",
+            Request::Refresh { .. } => "refresh",
+            Request::Auth { .. } => "auth",
         }
     }
 }
@@ -203,6 +220,12 @@ pub fn parse_request(frame: &str) -> Result<ClientRequest, RequestError> {
             text: fields.string("text")?,
         },
         "ping" => Request::Ping,
+        "refresh" => Request::Refresh {
+            token: fields.string("token")?,
+        },
+        "auth" => Request::Auth {
+            token: fields.string("token")?,
+        },
         other => {
             let mut shown: String = other.chars().take(32).collect();
             if shown.len() < other.len() {
@@ -417,6 +440,16 @@ pub enum ServerFrame<'a> {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a RawValue>,
     },
+    /// Reply to `refresh`.
+    Refreshed {
+        /// The request's ref.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a RawValue>,
+        /// The new token's `exp` (seconds since the Unix epoch); absent when the node checks no
+        /// tokens.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        exp: Option<u64>,
+    },
     /// A private message.
     Direct {
         /// The sender.
@@ -541,6 +574,18 @@ mod tests {
             parse(r#"{"type":"ping","ref":"x","extra":true}"#),
             Request::Ping
         );
+        assert_eq!(
+            parse(r#"{"type":"refresh","ref":8,"token":"a.b.c"}"#),
+            Request::Refresh {
+                token: "a.b.c".into()
+            }
+        );
+        assert_eq!(
+            parse(r#"{"type":"auth","token":"a.b.c"}"#),
+            Request::Auth {
+                token: "a.b.c".into()
+            }
+        );
     }
 
     #[test]
@@ -591,6 +636,7 @@ mod tests {
             error(r#"{"type":"join","room":""}"#).1,
             ErrorCode::InvalidRoom
         );
+        assert_eq!(error(r#"{"type":"refresh"}"#).1, ErrorCode::BadRequest);
     }
 
     #[test]
@@ -643,6 +689,14 @@ mod tests {
             })
             .to_json(),
             r#"{"type":"error","ref":1,"code":"not_joined","message":"join first"}"#
+        );
+        assert_eq!(
+            ServerFrame::Refreshed {
+                reference: Some(&r),
+                exp: Some(1732243600)
+            }
+            .to_json(),
+            r#"{"type":"refreshed","ref":1,"exp":1732243600}"#
         );
         assert_eq!(
             ServerFrame::Presence {
