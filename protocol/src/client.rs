@@ -54,11 +54,13 @@ pub enum ErrorCode {
     Internal,
     /// A `join` past the rooms one connection may have joined at once.
     TooManyRooms,
+    /// A `refresh` whose token is invalid or names another user; nothing changed.
+    Unauthorized,
 }
 
 impl ErrorCode {
     /// Every code, in the order of the protocol document.
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 10] = [
         ErrorCode::BadRequest,
         ErrorCode::InvalidRoom,
         ErrorCode::NotJoined,
@@ -68,6 +70,7 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::Internal,
         ErrorCode::TooManyRooms,
+        ErrorCode::Unauthorized,
     ];
 
     /// The code as it appears on the wire.
@@ -82,6 +85,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::TooManyRooms => "too_many_rooms",
+            ErrorCode::Unauthorized => "unauthorized",
         }
     }
 }
@@ -145,6 +149,17 @@ pub enum Request {
     },
     /// Asks for a `pong`.
     Ping,
+    /// Replaces the connection's token with a fresher one of the same user.
+    Refresh {
+        /// The new token (JWT).
+        token: String,
+    },
+    /// Authenticates a connection that gave no token in its upgrade request; valid only as the
+    /// first frame.
+    Auth {
+        /// The token (JWT).
+        token: String,
+    },
 }
 
 impl Request {
@@ -158,6 +173,8 @@ impl Request {
             Request::Who { .. } => "who",
             Request::Direct { .. } => "direct",
             Request::Ping => "ping",
+            Request::Refresh { .. } => "refresh",
+            Request::Auth { .. } => "auth",
         }
     }
 }
@@ -221,6 +238,12 @@ pub fn parse_request(frame: &str) -> Result<ClientRequest, RequestError> {
             text: fields.string("text")?,
         },
         "ping" => Request::Ping,
+        "refresh" => Request::Refresh {
+            token: fields.string("token")?,
+        },
+        "auth" => Request::Auth {
+            token: fields.string("token")?,
+        },
         other => {
             let mut shown: String = other.chars().take(32).collect();
             if shown.len() < other.len() {
@@ -435,6 +458,16 @@ pub enum ServerFrame<'a> {
         #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
         reference: Option<&'a RawValue>,
     },
+    /// Reply to `refresh`.
+    Refreshed {
+        /// The request's ref.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a RawValue>,
+        /// The new token's `exp` (seconds since the Unix epoch); absent when the node checks no
+        /// tokens.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        exp: Option<u64>,
+    },
     /// A private message.
     Direct {
         /// The sender.
@@ -574,6 +607,18 @@ mod tests {
             parse(r#"{"type":"ping","ref":"x","extra":true}"#),
             Request::Ping
         );
+        assert_eq!(
+            parse(r#"{"type":"refresh","ref":8,"token":"a.b.c"}"#),
+            Request::Refresh {
+                token: "a.b.c".into()
+            }
+        );
+        assert_eq!(
+            parse(r#"{"type":"auth","token":"a.b.c"}"#),
+            Request::Auth {
+                token: "a.b.c".into()
+            }
+        );
     }
 
     #[test]
@@ -624,6 +669,7 @@ mod tests {
             error(r#"{"type":"join","room":""}"#).1,
             ErrorCode::InvalidRoom
         );
+        assert_eq!(error(r#"{"type":"refresh"}"#).1, ErrorCode::BadRequest);
     }
 
     #[test]
@@ -676,6 +722,14 @@ mod tests {
             })
             .to_json(),
             r#"{"type":"error","ref":1,"code":"not_joined","message":"join first"}"#
+        );
+        assert_eq!(
+            ServerFrame::Refreshed {
+                reference: Some(&r),
+                exp: Some(1732243600)
+            }
+            .to_json(),
+            r#"{"type":"refreshed","ref":1,"exp":1732243600}"#
         );
         assert_eq!(
             ServerFrame::Presence {

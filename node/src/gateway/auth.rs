@@ -2,8 +2,10 @@
 //!
 //! Only what the protocol needs: the header must say `"alg":"HS256"` (any other algorithm,
 //! `none` included, is refused, so there is no algorithm confusion), the signature is checked in
-//! constant time with the configured secret, `exp` and `nbf` are honoured when present (with a
-//! few seconds of leeway for clock skew), and `sub` must be a valid user name. It uses the
+//! constant time with the configured secret, `exp` is required and `nbf` honoured when present
+//! (both with a few seconds of leeway for clock skew), and `sub` must be a valid user name. A
+//! connection lives no longer than its token: [`close_in`] says when the session must close it
+//! unless a `refresh` brought a newer token. It uses the
 //! HMAC-SHA256 already in the dependency tree rather than a general JWT crate, which would bring
 //! RSA and elliptic-curve stacks and a second version of the digest crates.
 
@@ -35,6 +37,9 @@ pub enum AuthError {
     /// `exp` is in the past.
     #[error("token expired")]
     Expired,
+    /// No numeric `exp`: a token that never expires would keep its connection forever.
+    #[error("token has no `exp`; tokens must expire")]
+    NoExpiry,
     /// `nbf` is in the future.
     #[error("token not yet valid")]
     NotYetValid,
@@ -53,6 +58,22 @@ struct Claims {
     sub: Option<String>,
     exp: Option<f64>,
     nbf: Option<f64>,
+}
+
+/// What a valid token grants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The user, the token's `sub`.
+    pub user: UserName,
+    /// The token's `exp`, in seconds since the Unix epoch (fractions dropped).
+    pub exp_secs: u64,
+}
+
+/// How long a connection authenticated until `exp_secs` may stay open at `now_ms`
+/// (milliseconds since the Unix epoch): until `exp` plus the leeway, zero once past it.
+pub fn close_in(exp_secs: u64, now_ms: u64) -> std::time::Duration {
+    let deadline_ms = exp_secs.saturating_add(LEEWAY_SECS).saturating_mul(1000);
+    std::time::Duration::from_millis(deadline_ms.saturating_sub(now_ms))
 }
 
 /// Verifies tokens signed with one secret.
@@ -75,8 +96,8 @@ impl Verifier {
         }
     }
 
-    /// Checks `token` at `now_secs` (seconds since the Unix epoch); returns its user.
-    pub fn verify(&self, token: &str, now_secs: u64) -> Result<UserName, AuthError> {
+    /// Checks `token` at `now_secs` (seconds since the Unix epoch); returns its user and expiry.
+    pub fn verify(&self, token: &str, now_secs: u64) -> Result<Grant, AuthError> {
         let mut parts = token.split('.');
         let (Some(header_b64), Some(payload_b64), Some(signature), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -98,9 +119,8 @@ impl Verifier {
             .map_err(|_| AuthError::Signature)?;
         let claims: Claims = decode_json(payload_b64)?;
         let now = now_secs as f64;
-        if let Some(exp) = claims.exp
-            && now > exp + LEEWAY_SECS as f64
-        {
+        let exp = claims.exp.ok_or(AuthError::NoExpiry)?;
+        if now > exp + LEEWAY_SECS as f64 {
             return Err(AuthError::Expired);
         }
         if let Some(nbf) = claims.nbf
@@ -109,7 +129,12 @@ impl Verifier {
             return Err(AuthError::NotYetValid);
         }
         let sub = claims.sub.ok_or(AuthError::Subject)?;
-        UserName::new(&sub).map_err(|_| AuthError::Subject)
+        let user = UserName::new(&sub).map_err(|_| AuthError::Subject)?;
+        // `exp` is finite (JSON has no infinities) and not far past; `as` saturates.
+        Ok(Grant {
+            user,
+            exp_secs: exp.max(0.0) as u64,
+        })
     }
 }
 
@@ -135,8 +160,31 @@ mod tests {
     #[test]
     fn accepts_a_token_from_a_standard_issuer() {
         let v = Verifier::new("s3cret");
-        assert_eq!(v.verify(VALID, NOW).unwrap().as_str(), "alice");
-        assert_eq!(v.verify(NO_EXP, NOW).unwrap().as_str(), "alice");
+        let grant = v.verify(VALID, NOW).unwrap();
+        assert_eq!(grant.user.as_str(), "alice");
+        assert_eq!(grant.exp_secs, 4_102_444_800);
+    }
+
+    #[test]
+    fn a_token_without_exp_is_refused() {
+        let v = Verifier::new("s3cret");
+        assert_eq!(v.verify(NO_EXP, NOW), Err(AuthError::NoExpiry));
+    }
+
+    #[test]
+    fn a_connection_closes_at_exp_plus_the_leeway() {
+        let exp = 1_800_000_000;
+        let at_exp_ms = exp * 1000;
+        assert_eq!(
+            close_in(exp, at_exp_ms - 2_500),
+            std::time::Duration::from_millis(2_500 + LEEWAY_SECS * 1000)
+        );
+        assert_eq!(
+            close_in(exp, at_exp_ms + LEEWAY_SECS * 1000),
+            std::time::Duration::ZERO
+        );
+        assert_eq!(close_in(exp, u64::MAX), std::time::Duration::ZERO);
+        assert!(close_in(u64::MAX, at_exp_ms) > std::time::Duration::from_secs(1 << 40));
     }
 
     #[test]

@@ -9,6 +9,12 @@
 //! | `GET /cluster` | this node's view of the members |
 //! | `GET /cluster/rooms/{room}` | the room's owner and replicas in this node's view |
 //!
+//! With `--auth-secret` a token comes in one of three ways (docs/protocol.md §1): offered as a
+//! subprotocol `token.JWT` beside `chat`, as the `token` query parameter, or, when the upgrade
+//! request has none, as an `auth` frame that must be the connection's first, within
+//! [`AUTH_TIMEOUT`]. A bad token in the request gets 401 before the upgrade; a bad or missing
+//! `auth` frame closes the connection with 1008, and no session exists until it has come.
+//!
 //! Connections past the limit are refused cleanly: beyond `max-connections` WebSocket sessions
 //! the upgrade gets 503, and beyond that plus a small reserve for health checks and metrics the
 //! TCP connection gets a bare 503 and is closed, before anything is allocated for it.
@@ -33,14 +39,15 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 use crate::actors::Slot;
 use crate::cluster::Views;
 use crate::gateway::admission::{Admission, Refusal, Ticket};
-use crate::gateway::auth::{AuthError, Verifier};
-use crate::gateway::outbox::outbox;
+use crate::gateway::auth::{AuthError, Grant, Verifier};
+use crate::gateway::outbox::{Closing, outbox};
 use crate::gateway::session::{Limits, Session, SessionArgs};
 use crate::gateway::sessions::SessionsMessage;
 use crate::gateway::socket;
@@ -51,6 +58,12 @@ use crate::metrics::Metrics;
 const HTTP_RESERVE: usize = 64;
 /// How long a client may take to send its request headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection upgraded without a token may take to send its `auth` frame.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// The subprotocol the node speaks, echoed when the client offers it.
+const SUBPROTOCOL: &str = "chat";
+/// The prefix of the subprotocol that carries a token: `token.<JWT>`.
+const TOKEN_SUBPROTOCOL_PREFIX: &str = "token.";
 
 const INDEX_HTML: &str = include_str!("web/index.html");
 const APP_JS: &str = include_str!("web/app.js");
@@ -103,6 +116,9 @@ pub struct Gateway {
     serving: watch::Receiver<bool>,
     open: AtomicUsize,
     admission: Arc<Admission>,
+    /// Upgraded connections still waiting for their `auth` frame: they count against
+    /// `max-connections` like sessions.
+    unauthenticated: AtomicUsize,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -128,6 +144,7 @@ impl Gateway {
             node,
             serving,
             open: AtomicUsize::new(0),
+            unauthenticated: AtomicUsize::new(0),
         })
     }
 
@@ -348,15 +365,22 @@ fn upgrade(
             return text(StatusCode::BAD_REQUEST, &format!("bad user name: {e}\n"));
         }
     };
-    let user = match (&gateway.config.verifier, query.user) {
+    let named = query.user;
+    let offered = offered_subprotocols(headers);
+    // The header is preferred to the URL, which ends up in access logs.
+    let token = offered
+        .iter()
+        .find_map(|p| p.strip_prefix(TOKEN_SUBPROTOCOL_PREFIX))
+        .or(query.token.as_deref());
+    let speaks_chat = offered.contains(&SUBPROTOCOL);
+    let login = match (&gateway.config.verifier, named) {
+        (Some(_), _) if token.is_none() => Login::FirstFrame,
         (Some(verifier), _) => {
-            let checked = query
-                .token
-                .as_deref()
+            let checked = token
                 .ok_or(AuthError::Missing)
                 .and_then(|token| verifier.verify(token, now_secs()));
             match checked {
-                Ok(user) => user,
+                Ok(grant) => Login::Granted(grant.user, Some(grant.exp_secs)),
                 Err(e) => {
                     Metrics::count(&gateway.metrics().connections_refused, "auth");
                     let mut response = text(StatusCode::UNAUTHORIZED, &format!("{e}\n"));
@@ -367,7 +391,7 @@ fn upgrade(
                 }
             }
         }
-        (None, Some(user)) => user,
+        (None, Some(user)) => Login::Granted(user, None),
         (None, None) => {
             Metrics::count(&gateway.metrics().connections_refused, "bad_request");
             return text(StatusCode::BAD_REQUEST, "missing `user`\n");
@@ -376,36 +400,30 @@ fn upgrade(
     if !*gateway.serving.borrow() {
         return text(StatusCode::SERVICE_UNAVAILABLE, "node is not serving\n");
     }
-    if gateway.metrics().connections.get() >= gateway.config.max_connections as i64 {
+    let waiting = gateway.unauthenticated.load(Ordering::Relaxed) as i64;
+    if gateway.metrics().connections.get() + waiting >= gateway.config.max_connections as i64 {
         Metrics::count(&gateway.metrics().connections_refused, "limit");
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
             "node at its connection limit; try another node\n",
         );
     }
-    let ticket = match gateway.admission.admit(&user, peer) {
-        Ok(ticket) => ticket,
-        Err(refusal) => {
-            let (kind, why) = match refusal {
-                Refusal::User => ("per_user", "this user holds the most connections allowed"),
-                Refusal::Address => (
-                    "per_address",
-                    "this address holds the most connections allowed",
-                ),
-            };
-            Metrics::count(&gateway.metrics().connections_refused, kind);
-            return text(
-                StatusCode::TOO_MANY_REQUESTS,
-                &format!("{why}; close one first\n"),
-            );
-        }
+    // The caps per user and per address; a connection that authenticates by its first frame is
+    // checked once its user is known.
+    let ticket = match &login {
+        Login::Granted(user, _) => match admit(gateway, user, peer) {
+            Ok(ticket) => Some(ticket),
+            Err(response) => return *response,
+        },
+        Login::FirstFrame => None,
     };
     let accept = derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut request);
+    let waiting = (login == Login::FirstFrame).then(|| Waiting::new(gateway));
     let gateway = gateway.clone();
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => start_session(upgraded, user, ticket, &gateway).await,
+            Ok(upgraded) => start_session(upgraded, login, ticket, waiting, peer, &gateway).await,
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
     });
@@ -417,13 +435,148 @@ fn upgrade(
     if let Ok(value) = HeaderValue::from_str(&accept) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, value);
     }
+    // Browsers fail a connection whose offered subprotocols get no answer: answer the one the
+    // node speaks (never the token).
+    if speaks_chat {
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(SUBPROTOCOL),
+        );
+    }
     response
+}
+
+/// A place under the caps per user and per address, or the 429 answer.
+fn admit(
+    gateway: &Gateway,
+    user: &UserName,
+    peer: IpAddr,
+) -> Result<Ticket, Box<Response<Full<Bytes>>>> {
+    gateway.admission.admit(user, peer).map_err(|refusal| {
+        let (kind, why) = match refusal {
+            Refusal::User => ("per_user", "this user holds the most connections allowed"),
+            Refusal::Address => (
+                "per_address",
+                "this address holds the most connections allowed",
+            ),
+        };
+        Metrics::count(&gateway.metrics().connections_refused, kind);
+        Box::new(text(
+            StatusCode::TOO_MANY_REQUESTS,
+            &format!("{why}; close one first\n"),
+        ))
+    })
+}
+
+/// How an upgrade request was let in.
+#[derive(Debug, PartialEq, Eq)]
+enum Login {
+    /// As this user, whose token (if any) expires at these seconds since the Unix epoch.
+    Granted(UserName, Option<u64>),
+    /// Without a token although one is required: the first frame must be `auth`.
+    FirstFrame,
+}
+
+/// Counts a connection waiting for its `auth` frame for as long as it lives.
+struct Waiting(Arc<Gateway>);
+
+impl Waiting {
+    fn new(gateway: &Arc<Gateway>) -> Waiting {
+        gateway.unauthenticated.fetch_add(1, Ordering::Relaxed);
+        Waiting(gateway.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.unauthenticated.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The subprotocols a client offers, in order.
+fn offered_subprotocols(headers: &hyper::HeaderMap) -> Vec<&str> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+/// The token of a connection's first frame, which must be `auth`; the reason to close otherwise.
+fn first_frame_token(frame: &str) -> Result<String, String> {
+    match chat_protocol::client::parse_request(frame) {
+        Ok(request) => match request.body {
+            chat_protocol::client::Request::Auth { token } => Ok(token),
+            other => Err(format!(
+                "the first frame must be `auth`, not `{}`",
+                other.kind()
+            )),
+        },
+        Err(e) => Err(format!("the first frame must be `auth`: {}", e.message)),
+    }
+}
+
+/// Reads the `auth` frame of a connection upgraded without a token and verifies it: the grant,
+/// or why the connection must be closed (`None` when the client went away).
+async fn authenticate(
+    socket: &mut socket::Socket,
+    verifier: &Verifier,
+) -> Result<Grant, Option<String>> {
+    let deadline = tokio::time::Instant::now() + AUTH_TIMEOUT;
+    loop {
+        let text = match tokio::time::timeout_at(deadline, socket.next()).await {
+            Err(_) => return Err(Some("no `auth` frame in time".to_owned())),
+            Ok(Some(Ok(Message::Text(text)))) => text,
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => continue,
+            Ok(Some(Ok(Message::Binary(_)))) => {
+                return Err(Some(
+                    "the first frame must be an `auth` text frame".to_owned(),
+                ));
+            }
+            Ok(None | Some(Ok(Message::Close(_)) | Err(_))) => return Err(None),
+        };
+        return first_frame_token(&text)
+            .and_then(|token| {
+                verifier
+                    .verify(&token, now_secs())
+                    .map_err(|e| e.to_string())
+            })
+            .map_err(Some);
+    }
+}
+
+/// Closes a connection that did not authenticate with 1008 and `why`, then lets the client
+/// answer the close so that it reads the reason rather than a reset.
+async fn refuse_unauthenticated(mut socket: socket::Socket, why: String, metrics: &Metrics) {
+    tracing::debug!(reason = %why, "closing a connection that did not authenticate");
+    Metrics::count(
+        &metrics.connections_closed,
+        Closing::Unauthenticated.label(),
+    );
+    let mut frame = Closing::Unauthenticated.frame();
+    // A close reason holds at most 123 bytes.
+    let mut end = why.len().min(123);
+    while !why.is_char_boundary(end) {
+        end -= 1;
+    }
+    frame.reason = why[..end].into();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        if socket.close(Some(frame)).await.is_ok() {
+            while let Some(Ok(_)) = socket.next().await {}
+        }
+    })
+    .await;
 }
 
 async fn start_session(
     upgraded: hyper::upgrade::Upgraded,
-    user: UserName,
-    ticket: Ticket,
+    login: Login,
+    ticket: Option<Ticket>,
+    waiting: Option<Waiting>,
+    peer: IpAddr,
     gateway: &Gateway,
 ) {
     let frame = gateway.config.max_frame_bytes;
@@ -442,8 +595,35 @@ async fn start_session(
         .max_write_buffer_size(usize::MAX)
         .max_frame_size(Some(frame))
         .max_message_size(Some(frame));
-    let socket: socket::Socket =
+    let mut socket: socket::Socket =
         WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+    let (user, exp_secs) = match (login, &gateway.config.verifier) {
+        (Login::Granted(user, exp_secs), _) => (user, exp_secs),
+        (Login::FirstFrame, Some(verifier)) => match authenticate(&mut socket, verifier).await {
+            Ok(grant) => (grant.user, Some(grant.exp_secs)),
+            Err(Some(why)) => {
+                return refuse_unauthenticated(socket, why, gateway.metrics()).await;
+            }
+            Err(None) => return,
+        },
+        // Only a node with a verifier asks for the first frame.
+        (Login::FirstFrame, None) => return,
+    };
+    let ticket = match ticket {
+        Some(ticket) => ticket,
+        None => match gateway.admission.admit(&user, peer) {
+            Ok(ticket) => ticket,
+            Err(refusal) => {
+                let why = match refusal {
+                    Refusal::User => "this user holds the most connections allowed",
+                    Refusal::Address => "this address holds the most connections allowed",
+                };
+                return refuse_unauthenticated(socket, why.to_owned(), gateway.metrics()).await;
+            }
+        },
+    };
+    // From here the session counts against the limit.
+    drop(waiting);
     let (Some(hub), Some(supervisor)) = (gateway.node.hub.get(), gateway.node.sessions.get())
     else {
         tracing::warn!("no hub or session supervisor running; dropping the connection");
@@ -462,6 +642,8 @@ async fn start_session(
         node: gateway.node.me.clone(),
         metrics: gateway.metrics().clone(),
         ticket,
+        verifier: gateway.config.verifier.clone(),
+        exp_secs,
     };
     let session = match Actor::spawn_linked(None, Session, args, supervisor.get_cell()).await {
         Ok((session, _)) => session,

@@ -30,6 +30,11 @@ pub enum Closing {
     Idle,
     /// 1000: a normal close.
     Normal,
+    /// 1008: the connection's token expired and no `refresh` replaced it.
+    Expired,
+    /// 1008: a connection without a token in its upgrade request sent no valid `auth` frame
+    /// first.
+    Unauthenticated,
 }
 
 impl Closing {
@@ -42,6 +47,8 @@ impl Closing {
             Closing::Internal => (CloseCode::Error, "internal error"),
             Closing::Idle => (CloseCode::Away, "no answer to pings"),
             Closing::Normal => (CloseCode::Normal, ""),
+            Closing::Expired => (CloseCode::Policy, "token expired"),
+            Closing::Unauthenticated => (CloseCode::Policy, "a valid token is required"),
         };
         CloseFrame {
             code,
@@ -58,6 +65,8 @@ impl Closing {
             Closing::Internal => "internal",
             Closing::Idle => "idle",
             Closing::Normal => "normal",
+            Closing::Expired => "token_expired",
+            Closing::Unauthenticated => "unauthenticated",
         }
     }
 }
@@ -226,6 +235,7 @@ mod tests {
         assert_eq!(Closing::TooSlow.frame().code, CloseCode::Again);
         assert_eq!(u16::from(Closing::TooLarge.frame().code), 1009);
         assert_eq!(u16::from(Closing::Shutdown.frame().code), 1001);
+        assert_eq!(u16::from(Closing::Expired.frame().code), 1008);
     }
 
     #[test]

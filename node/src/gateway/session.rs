@@ -4,7 +4,11 @@
 //! the reader task; the session validates them (JSON shape, room names, text size, rate) and
 //! answers mistakes itself with an error frame. Valid requests go to the hub, which knows the
 //! rooms the connection joined, routes them to the room's owner and delivers the replies. `ping`
-//! is answered here.
+//! and `refresh` are answered here.
+//!
+//! With `--auth-secret` the session also owns its token's expiry: a timer closes the connection
+//! (1008) once `exp` plus the leeway has passed, and a `refresh` with a newer token of the same
+//! user moves it.
 //!
 //! Cleanup lives in a guard dropped with the actor's state, which happens on a normal stop and
 //! after a panic alike (ractor skips `post_stop` after a panic): the hub forgets the connection
@@ -21,7 +25,9 @@ use serde_json::value::RawValue;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use crate::clock::now_ms;
 use crate::gateway::admission::Ticket;
+use crate::gateway::auth::{Verifier, close_in};
 use crate::gateway::outbox::{Closing, Outbox};
 use crate::gateway::rate::RateLimit;
 use crate::hub::{HubMessage, HubRequest};
@@ -61,6 +67,10 @@ pub struct SessionArgs {
     pub metrics: Metrics,
     /// The connection's place under the per-user and per-address caps.
     pub ticket: Ticket,
+    /// Verifies the tokens of `refresh`; `None` when the node checks no tokens.
+    pub verifier: Option<Verifier>,
+    /// The token's `exp` (seconds since the Unix epoch), when the user came with a token.
+    pub exp_secs: Option<u64>,
 }
 
 /// Messages of a session.
@@ -74,6 +84,18 @@ pub enum SessionMessage {
     Closed,
     /// Panics inside the handler: lets tests prove that a failing session is contained.
     Crash,
+    /// The token's expiry timer fired: closes the connection unless a `refresh` moved `exp`.
+    ExpiryDue,
+}
+
+/// The pending [`SessionMessage::ExpiryDue`], cancelled when replaced or when the session ends
+/// (a timer left behind would hold its task until a long-lived token's `exp`).
+struct ExpiryTimer(tokio::task::JoinHandle<Result<(), ractor::MessagingErr<SessionMessage>>>);
+
+impl Drop for ExpiryTimer {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Cleans up after the connection, however the actor ends.
@@ -106,6 +128,10 @@ pub struct SessionState {
     requests: RateLimit,
     guard: Guard,
     span: tracing::Span,
+    myself: ActorRef<SessionMessage>,
+    verifier: Option<Verifier>,
+    exp_secs: Option<u64>,
+    expiry_timer: Option<ExpiryTimer>,
 }
 
 impl Actor for Session {
@@ -115,7 +141,7 @@ impl Actor for Session {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<SessionMessage>,
+        myself: ActorRef<SessionMessage>,
         args: SessionArgs,
     ) -> Result<SessionState, ActorProcessingErr> {
         args.metrics.connections.inc();
@@ -135,7 +161,7 @@ impl Actor for Session {
             outbox: args.outbox.clone(),
         });
         let span = tracing::info_span!("session", session = %session, user = %args.user);
-        Ok(SessionState {
+        let mut state = SessionState {
             guard: Guard {
                 id: args.id,
                 hub: args.hub.clone(),
@@ -153,7 +179,13 @@ impl Actor for Session {
             rate: RateLimit::new(args.limits.rate_limit, Instant::now()),
             requests: RateLimit::new(args.limits.request_rate, Instant::now()),
             span,
-        })
+            myself,
+            verifier: args.verifier,
+            exp_secs: args.exp_secs,
+            expiry_timer: None,
+        };
+        state.arm_expiry();
+        Ok(state)
     }
 
     async fn handle(
@@ -187,6 +219,7 @@ impl Actor for Session {
                 myself.stop(None);
             }
             SessionMessage::Crash => panic!("injected failure in session {:x}", state.id),
+            SessionMessage::ExpiryDue => state.check_expiry(),
         }
         Ok(())
     }
@@ -279,6 +312,69 @@ impl SessionState {
                     },
                 );
             }
+            Request::Refresh { token } => self.refresh(reference.as_deref(), &token),
+            Request::Auth { .. } => self.error(
+                reference.as_deref(),
+                ErrorCode::BadRequest,
+                "`auth` is only valid as the first frame of a connection without a token; \
+                 use `refresh` to replace the token",
+            ),
+        }
+    }
+
+    /// Takes a fresher token of the same user; a refused one changes nothing.
+    fn refresh(&mut self, reference: Option<&RawValue>, token: &str) {
+        let Some(verifier) = &self.verifier else {
+            // The node checks no tokens, so none expires: nothing to replace.
+            let frame = ServerFrame::Refreshed {
+                reference,
+                exp: None,
+            };
+            self.outbox.push_text(frame.to_json());
+            return;
+        };
+        match verifier.verify(token, now_ms() / 1000) {
+            Ok(grant) if grant.user == self.user => {
+                self.exp_secs = Some(grant.exp_secs);
+                self.arm_expiry();
+                tracing::debug!(exp = grant.exp_secs, "token refreshed");
+                let frame = ServerFrame::Refreshed {
+                    reference,
+                    exp: Some(grant.exp_secs),
+                };
+                self.outbox.push_text(frame.to_json());
+            }
+            Ok(grant) => {
+                let message = format!(
+                    "the token is for {}, this connection for {}",
+                    grant.user, self.user
+                );
+                self.error(reference, ErrorCode::Unauthorized, &message);
+            }
+            Err(e) => self.error(reference, ErrorCode::Unauthorized, &e.to_string()),
+        }
+    }
+
+    /// (Re)starts the timer that closes the connection when its token expires.
+    fn arm_expiry(&mut self) {
+        let Some(exp_secs) = self.exp_secs else {
+            return;
+        };
+        let wait = close_in(exp_secs, now_ms());
+        self.expiry_timer = Some(ExpiryTimer(
+            self.myself.send_after(wait, || SessionMessage::ExpiryDue),
+        ));
+    }
+
+    /// Closes the connection if its token has expired; else waits again (the wall clock the
+    /// deadline is in may lag the timer's monotonic one).
+    fn check_expiry(&mut self) {
+        match self.exp_secs {
+            Some(exp_secs) if close_in(exp_secs, now_ms()).is_zero() => {
+                tracing::info!(exp = exp_secs, "token expired; closing the connection");
+                self.outbox.close(Closing::Expired);
+            }
+            _ => self.arm_expiry(),
         }
     }
 

@@ -540,7 +540,8 @@ fn parse_response(response: &str) -> std::io::Result<(u16, String)> {
     Ok((status, body))
 }
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// A client's WebSocket.
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A WebSocket client speaking the protocol.
 pub struct Client {
@@ -572,6 +573,41 @@ impl Client {
         client.welcome = client.recv().await;
         assert_eq!(client.welcome["type"], "welcome", "first frame");
         Ok(client)
+    }
+
+    /// Opens a WebSocket to `url` offering `subprotocols` (`Sec-WebSocket-Protocol`), without
+    /// reading any frame; the HTTP error if the upgrade fails.
+    pub async fn open_with_subprotocols(
+        url: &str,
+        subprotocols: &str,
+    ) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = url.into_client_request()?;
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            subprotocols.parse().expect("header value"),
+        );
+        let (ws, response) = tokio_tungstenite::connect_async(request).await?;
+        assert_eq!(
+            response
+                .headers()
+                .get("sec-websocket-protocol")
+                .and_then(|v| v.to_str().ok()),
+            Some("chat"),
+            "the node answers the `chat` subprotocol"
+        );
+        Ok(ws)
+    }
+
+    /// Wraps an open socket whose welcome frame has not come yet (`welcome` stays null): for
+    /// connections that authenticate with their first frame.
+    pub fn unwelcomed(ws: Ws) -> Client {
+        Client {
+            ws,
+            backlog: Default::default(),
+            next_ref: 1,
+            welcome: Value::Null,
+        }
     }
 
     /// Sends a JSON frame.

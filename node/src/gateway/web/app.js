@@ -59,7 +59,8 @@
   const S = {
     active: false, // logged in (the login form is hidden)
     user: '', // name typed at login, used in the /ws query
-    token: '',
+    token: '', // sent as the first frame (`auth`), never in the URL, which ends up in logs
+    tokenUrl: '', // `?token_url=`: where a fresh token can be fetched, to `refresh` before `exp`
     me: null, // name the node confirmed in `welcome` (the token's `sub` when auth is on)
     nodes: [], // [{host, secure}], rotated on each reconnect
     nodeIdx: 0,
@@ -73,7 +74,7 @@
     attempt: 0,
     everConnected: false,
     lastClose: null,
-    timers: { reconnect: 0, connect: 0, ping: 0, pong: 0 },
+    timers: { reconnect: 0, connect: 0, ping: 0, pong: 0, refresh: 0 },
     refs: new Map(), // ref -> request context, cleared per connection
     nextRef: 1,
     rooms: new Map(), // name -> room
@@ -300,16 +301,57 @@
   // Connection
 
   function wsUrl(node) {
-    let url = `${node.secure ? 'wss' : 'ws'}://${node.host}/ws?user=${encodeURIComponent(S.user)}`;
-    if (S.token) url += `&token=${encodeURIComponent(S.token)}`;
-    return url;
+    return `${node.secure ? 'wss' : 'ws'}://${node.host}/ws?user=${encodeURIComponent(S.user)}`;
   }
 
   function clearConnTimers() {
     clearTimeout(S.timers.connect);
     clearInterval(S.timers.ping);
     clearTimeout(S.timers.pong);
-    S.timers.connect = S.timers.ping = S.timers.pong = 0;
+    clearTimeout(S.timers.refresh);
+    S.timers.connect = S.timers.ping = S.timers.pong = S.timers.refresh = 0;
+  }
+
+  // Tokens: the `exp` claim (read, not verified: the node does that), and a fresh token from
+  // `token_url` when the page was given one.
+
+  function tokenExp(token) {
+    try {
+      const payload = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+      const exp = JSON.parse(atob(payload)).exp;
+      return typeof exp === 'number' ? exp : null;
+    } catch {
+      return null;
+    }
+  }
+
+  async function fetchToken() {
+    const r = await fetch(S.tokenUrl, { cache: 'no-store', credentials: 'include' });
+    if (!r.ok) throw new Error(`${S.tokenUrl}: HTTP ${r.status}`);
+    const token = (await r.text()).trim();
+    if (!token) throw new Error(`${S.tokenUrl}: no token`);
+    return token;
+  }
+
+  // Sends `refresh` halfway to the token's `exp`, so the node never closes the connection for it.
+  function scheduleRefresh(conn) {
+    clearTimeout(S.timers.refresh);
+    S.timers.refresh = 0;
+    const exp = tokenExp(S.token);
+    if (!S.tokenUrl || exp === null) return;
+    const wait = Math.max(1000, ((exp * 1000 - Date.now()) / 2) | 0);
+    S.timers.refresh = setTimeout(async () => {
+      let token;
+      try {
+        token = await fetchToken();
+      } catch (e) {
+        notice(`token refresh failed: ${e.message}`, true);
+        return;
+      }
+      if (conn !== S.conn || !S.connected) return;
+      S.token = token;
+      request({ type: 'refresh', token }, { kind: 'refresh' });
+    }, wait);
   }
 
   function connect() {
@@ -328,6 +370,10 @@
       return;
     }
     S.ws = ws;
+    // Without a token in the upgrade request, the node waits for it as the first frame.
+    ws.onopen = () => {
+      if (conn === S.conn && S.token) send({ type: 'auth', ref: 'auth', token: S.token });
+    };
     ws.onmessage = (ev) => {
       if (conn === S.conn) onFrame(ev.data);
     };
@@ -369,6 +415,7 @@
     S.lastClose = { code, reason };
     renderRoomList();
     if (!S.active) return;
+    if (code === 1008 && S.token) return tokenRefused(reason);
 
     // Another node may be alive while this one is not: rotate before every attempt.
     if (S.nodes.length > 1) S.nodeIdx = (S.nodeIdx + 1) % S.nodes.length;
@@ -383,6 +430,27 @@
     }
     setStatus('down', text);
     S.timers.reconnect = setTimeout(connect, delay);
+  }
+
+  // The node closed the connection for its token (expired, or refused as the first frame):
+  // another attempt with the same token would fail alike.
+  async function tokenRefused(reason) {
+    if (S.tokenUrl) {
+      try {
+        S.token = await fetchToken();
+        setStatus('down', `token refused (${reason || 'policy'}); reconnecting with a new one`);
+        S.timers.reconnect = setTimeout(connect, jitter(backoffMs(S.attempt++)));
+        return;
+      } catch (e) {
+        reason = `${reason}; ${e.message}`;
+      }
+    }
+    const user = S.user;
+    logout();
+    $('user').value = user;
+    $('token').value = '';
+    $('login-error').textContent = `Disconnected: ${reason || 'token refused'}. Sign in with a new token.`;
+    $('token').focus();
   }
 
   function send(frame) {
@@ -474,6 +542,8 @@
         return ctx && onHistory(f, ctx);
       case 'members':
         return onMembers(f);
+      case 'refreshed':
+        return scheduleRefresh(S.conn);
       case 'pong':
         clearTimeout(S.timers.pong);
         S.timers.pong = 0;
@@ -517,6 +587,7 @@
     for (const room of S.rooms.values()) sendJoin(room);
     flushDirects();
     startPing(conn);
+    scheduleRefresh(conn);
     renderRoomList();
     refreshNodes();
   }
@@ -656,6 +727,8 @@
   function onError(f, ctx) {
     const code = String(f.code || 'error');
     const detail = typeof f.message === 'string' ? f.message : '';
+    // A node without `--auth-secret` needs no `auth` frame: its refusal is harmless.
+    if (f.ref === 'auth') return;
     if (!ctx) {
       notice(`${code}${detail ? ': ' + detail : ''}`, true);
       return;
@@ -674,6 +747,9 @@
       case 'leave':
       case 'who':
       case 'ping':
+        return;
+      case 'refresh':
+        notice(`token refresh refused: ${detail || code}; the connection closes when the token expires`, true);
         return;
       default:
         notice(`${code}${detail ? ': ' + detail : ''}`, true);
@@ -1463,6 +1539,7 @@
 
   function wireUi() {
     const params = new URLSearchParams(location.search);
+    S.tokenUrl = params.get('token_url') || '';
     $('user').value = params.get('user') || store.get('chat.user', '') || '';
     try {
       $('token').value = sessionStorage.getItem('chat.token') || '';
