@@ -74,7 +74,28 @@ def base_url(spec: str) -> str:
 
 
 def ws_url(base: str, user: str) -> str:
-    return base.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + f"/ws?user={user}"
+    url = base.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + f"/ws?user={user}"
+    secret = os.environ.get("CHAT_AUTH_SECRET")
+    if secret:
+        # The compose cluster requires tokens (deploy/init-env); a fresh one per connection.
+        url += "&token=" + mint_token(user, secret)
+    return url
+
+
+def mint_token(user: str, secret: str, seconds: int = 3600) -> str:
+    """An HS256 token for `user` (as deploy/mint-token makes)."""
+    import base64
+    import hashlib
+    import hmac
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    now = int(time.time())
+    header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    claims = b64(json.dumps({"sub": user, "iat": now, "exp": now + seconds}).encode())
+    signature = hmac.new(secret.encode(), f"{header}.{claims}".encode(), hashlib.sha256)
+    return f"{header}.{claims}.{b64(signature.digest())}"
 
 
 def http_json(url: str, timeout: float = 2.0):

@@ -10,6 +10,11 @@
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$repo_root" || exit 1
+# The cluster's secrets (.env, written once with random values); clients mint their tokens with
+# the auth secret.
+"$repo_root/deploy/init-env" || exit 1
+CHAT_AUTH_SECRET="$(sed -n 's/^CHAT_AUTH_SECRET=//p' "$repo_root/.env" | tail -n 1)"
+export CHAT_AUTH_SECRET
 
 CHATCLIENT="$repo_root/deploy/demo/chatclient.py"
 SCALE_FILE="$repo_root/deploy/docker-compose.scale.yml"
