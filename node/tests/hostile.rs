@@ -8,6 +8,8 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Client, NodeProcess, TIMEOUT, assert_error, metric, metrics_text, upgrade_status};
@@ -359,4 +361,68 @@ async fn direct_bursts_from_many_senders_are_refused_to_them_and_the_victim_stay
         0.0,
         "bob was cut off as too slow:\n{metrics}"
     );
+}
+
+#[tokio::test]
+async fn a_udp_flood_on_the_cluster_port_never_costs_a_node_its_health_or_a_member() {
+    let cluster = common::cluster::Cluster::start(200, 3).await;
+    let target = cluster.cluster_addrs[0];
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp socket");
+    // 15 s of datagrams without the cookie, as fast as one thread sends them, in three shapes:
+    // garbage, a seal-sized junk, and the largest datagram.
+    let flooding = Arc::new(AtomicBool::new(true));
+    let flooder = {
+        let flooding = flooding.clone();
+        std::thread::spawn(move || {
+            let shapes = [vec![0xAB; 16], vec![0x5A; 96], vec![0x00; 1400]];
+            let mut sent = 0u64;
+            while flooding.load(Ordering::Relaxed) {
+                for shape in &shapes {
+                    if socket.send_to(shape, target).is_ok() {
+                        sent += 1;
+                    }
+                }
+            }
+            sent
+        })
+    };
+    let before = rss_bytes(cluster.node(1).pid());
+    let mut peak = before;
+    let started = Instant::now();
+    let mut worst = 200;
+    while started.elapsed() < Duration::from_secs(15) {
+        for i in 1..=3 {
+            let status = common::cluster::health_status(cluster.http(i))
+                .await
+                .unwrap_or(0);
+            if status != 200 {
+                worst = status;
+                println!("n{i} /healthz {status} at {:?}", started.elapsed());
+            }
+        }
+        peak = peak.max(rss_bytes(cluster.node(1).pid()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    flooding.store(false, Ordering::Relaxed);
+    let sent = flooder.join().expect("flooder");
+    let grown = peak.saturating_sub(before);
+    println!(
+        "udp flood: {sent} datagrams in 15 s; worst /healthz {worst}; memory of the target grew by {:.1} MiB",
+        grown as f64 / f64::from(1 << 20)
+    );
+    assert_eq!(worst, 200, "a node left 200 during the flood");
+    assert!(grown < 64 << 20, "the flood cost the target {grown} bytes");
+    for i in 1..=3 {
+        let up = common::cluster::up_members(cluster.http(i))
+            .await
+            .expect("view");
+        assert_eq!(up.len(), 3, "n{i} sees {up:?}");
+    }
+    let refused = common::cluster::metric_value(
+        cluster.http(1),
+        r#"chat_peer_dropped_total{kind="bad_datagram"}"#,
+    )
+    .await
+    .unwrap_or(0.0);
+    assert!(refused > 0.0, "the flood was not even seen");
 }

@@ -105,7 +105,7 @@ impl std::fmt::Debug for MembershipArgs {
 #[derive(Debug, RactorMessage)]
 pub enum MembershipMessage {
     /// A datagram arrived.
-    Datagram(SocketAddr, Vec<u8>),
+    Heartbeat(SocketAddr, Heartbeat),
     /// Time to ping.
     Tick,
     /// A node-to-node session became ready or closed.
@@ -130,7 +130,6 @@ pub struct MembershipState {
     /// The datagram receiver and the forwarder of link changes.
     _tasks: Tasks,
     leaving: bool,
-    last_bad_log: Option<Instant>,
 }
 
 impl Actor for Membership {
@@ -160,18 +159,26 @@ impl Actor for Membership {
         }));
         let socket = args.socket.clone();
         let me = myself.clone();
+        let key = args.key;
+        let metrics = args.net.metrics().clone();
+        // Seals are checked here, before anything is queued for the actor: a flood of datagrams
+        // without the cookie costs one HMAC each and never grows the actor's (unbounded) mailbox.
         let receiver = tokio::spawn(async move {
             let mut buf = vec![0u8; MAX_DATAGRAM];
+            let mut last_bad_log: Option<Instant> = None;
             loop {
                 match socket.recv_from(&mut buf).await {
-                    Ok((n, from)) => {
-                        if me
-                            .cast(MembershipMessage::Datagram(from, buf[..n].to_vec()))
-                            .is_err()
-                        {
-                            break;
+                    Ok((n, from)) => match datagram::open(&key, &buf[..n]) {
+                        Ok(heartbeat) => {
+                            if me
+                                .cast(MembershipMessage::Heartbeat(from, heartbeat))
+                                .is_err()
+                            {
+                                break;
+                            }
                         }
-                    }
+                        Err(e) => bad_datagram(&metrics, &mut last_bad_log, from, &e.to_string()),
+                    },
                     Err(e) => {
                         tracing::debug!(error = %e, "udp receive failed");
                         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -193,7 +200,6 @@ impl Actor for Membership {
             seed_addrs: HashMap::new(),
             _tasks: tasks,
             leaving: false,
-            last_bad_log: None,
             args,
         })
     }
@@ -205,7 +211,7 @@ impl Actor for Membership {
         state: &mut MembershipState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            MembershipMessage::Datagram(from, bytes) => state.datagram(from, &bytes),
+            MembershipMessage::Heartbeat(from, heartbeat) => state.heartbeat(from, heartbeat),
             MembershipMessage::Tick => state.tick(&myself),
             MembershipMessage::LinksChanged => state.publish(),
             MembershipMessage::SeedResolved(seed, addr) => {
@@ -234,14 +240,7 @@ impl Actor for Membership {
 }
 
 impl MembershipState {
-    fn datagram(&mut self, from: SocketAddr, bytes: &[u8]) {
-        let heartbeat = match datagram::open(&self.args.key, bytes) {
-            Ok(heartbeat) => heartbeat,
-            Err(e) => {
-                self.bad_datagram(from, &e.to_string());
-                return;
-            }
-        };
+    fn heartbeat(&mut self, from: SocketAddr, heartbeat: Heartbeat) {
         let observed = self.detector.observe(heartbeat, Instant::now());
         if observed.own {
             self.own_addrs.insert(from);
@@ -257,18 +256,6 @@ impl MembershipState {
         }
         if observed.changed {
             self.publish();
-        }
-    }
-
-    fn bad_datagram(&mut self, from: SocketAddr, why: &str) {
-        Metrics::count(&self.args.net.metrics().peer_dropped, "bad_datagram");
-        let now = Instant::now();
-        if self
-            .last_bad_log
-            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(5))
-        {
-            self.last_bad_log = Some(now);
-            tracing::warn!(%from, why, "heartbeat datagram refused");
         }
     }
 
@@ -498,4 +485,14 @@ pub fn view_of(
     members.sort_by(|a, b| a.name.cmp(&b.name));
     let quorum = detector.quorum(now, |name| session(name).is_some());
     (members, quorum)
+}
+
+/// Counts a refused datagram, and logs one every 5 s at most (a flood must not flood the log).
+fn bad_datagram(metrics: &Metrics, last_log: &mut Option<Instant>, from: SocketAddr, why: &str) {
+    Metrics::count(&metrics.peer_dropped, "bad_datagram");
+    let now = Instant::now();
+    if last_log.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(5)) {
+        *last_log = Some(now);
+        tracing::warn!(%from, why, "heartbeat datagram refused");
+    }
 }
