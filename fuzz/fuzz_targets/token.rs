@@ -9,7 +9,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use chat_node::gateway::auth::Verifier;
+use chat_node::gateway::auth::{Grant, LEEWAY_SECS, Verifier};
 use chat_protocol::UserName;
 use hmac::{Hmac, KeyInit, Mac};
 use libfuzzer_sys::fuzz_target;
@@ -28,8 +28,8 @@ fuzz_target!(|data: &[u8]| {
     };
     let verifier = Verifier::new(SECRET);
     if mode % 2 == 0 {
-        if let Ok(user) = verifier.verify(text, NOW) {
-            valid(&user);
+        if let Ok(grant) = verifier.verify(text, NOW) {
+            valid(&grant);
             let (signed, signature) = text.rsplit_once('.').expect("three parts");
             let signature = URL_SAFE_NO_PAD
                 .decode(signature.trim_end_matches('='))
@@ -51,13 +51,13 @@ fuzz_target!(|data: &[u8]| {
             "{signed}.{}",
             URL_SAFE_NO_PAD.encode(sign(signed.as_bytes()))
         );
-        if let Ok(user) = verifier.verify(&token, NOW) {
-            valid(&user);
+        if let Ok(grant) = verifier.verify(&token, NOW) {
+            valid(&grant);
             // Parsed as the verifier does: unknown fields are skipped unchecked.
             let header: Header = serde_json::from_str(header).expect("accepted header is JSON");
             assert_eq!(header.alg, "HS256");
             let claims: Claims = serde_json::from_str(claims).expect("accepted claims are JSON");
-            assert_eq!(claims.sub, user.as_str());
+            assert_eq!(claims.sub, grant.user.as_str());
         }
     }
 });
@@ -72,8 +72,18 @@ struct Claims {
     sub: String,
 }
 
-fn valid(user: &UserName) {
-    assert!(UserName::new(user.as_str()).is_ok(), "{user:?}");
+/// An accepted token names a valid user and has not expired (`exp` is required).
+fn valid(grant: &Grant) {
+    assert!(
+        UserName::new(grant.user.as_str()).is_ok(),
+        "{:?}",
+        grant.user
+    );
+    assert!(
+        grant.exp_secs + LEEWAY_SECS >= NOW,
+        "expired at {}",
+        grant.exp_secs
+    );
 }
 
 fn sign(input: &[u8]) -> Vec<u8> {
