@@ -235,3 +235,106 @@ async fn a_full_disk_refuses_sends_at_once_and_recovers_without_a_restart() {
     );
     drop(node);
 }
+
+#[tokio::test]
+async fn a_node_killed_and_restarted_on_a_full_disk_starts_and_keeps_what_it_acknowledged() {
+    let tmpfs = match Tmpfs::mount("4m") {
+        Ok(tmpfs) => tmpfs,
+        Err(why) => {
+            skip(&why);
+            return;
+        }
+    };
+    let mut node = NodeProcess::spawn_in("n1", "127.0.0.1", &tmpfs.dir.join("n1"), &[]);
+    node.wait_healthy();
+    let mut alice = Client::connect(node.http, "alice").await;
+    alice.join("disk", None).await;
+    let mut acked = Vec::new();
+    for i in 1..=5 {
+        let text = format!("before {i}");
+        acked.push((alice.say("disk", &text).await, text));
+    }
+    drop(alice);
+    node.kill();
+    let filler = tmpfs.dir.join("filler");
+    fill(&filler);
+
+    // It starts (its store repairs in the space it already has) and answers /healthz.
+    node.relaunch();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok((code, _)) = common::http_get(node.http, "/healthz").await
+            && (code == 200 || code == 503)
+        {
+            break;
+        }
+        assert!(node.is_running(), "the node exited:\n{}", node.log_text());
+        assert!(Instant::now() < deadline, "no /healthz answer in time");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut alice = Client::connect(node.http, "alice").await;
+    // Until space is freed the room is served (if the store still has room) or refused.
+    let sent = Instant::now();
+    let reply = alice.request(json!({"type": "join", "room": "disk"})).await;
+    println!(
+        "join on a full disk: {} after {:?}",
+        reply["type"],
+        sent.elapsed()
+    );
+    let joined = reply["type"] == "joined";
+    if joined {
+        // A send is acknowledged or refused at once, never left to time out.
+        let text = "x".repeat(3000);
+        for i in 1..=100 {
+            let sent = Instant::now();
+            let reply = alice
+                .request(
+                    json!({"type": "send", "room": "disk", "text": format!("full {i} {text}")}),
+                )
+                .await;
+            assert!(
+                sent.elapsed() < PROMPT,
+                "answered after {:?}",
+                sent.elapsed()
+            );
+            if reply["type"] == "ack" {
+                acked.push((
+                    reply["seq"].as_u64().expect("seq"),
+                    format!("full {i} {text}"),
+                ));
+            } else {
+                assert_eq!(reply["code"], "unavailable", "{reply}");
+                break;
+            }
+        }
+    } else {
+        assert_eq!(reply["code"], "unavailable", "{reply}");
+    }
+    std::fs::remove_file(&filler).expect("remove the filler");
+    if !joined {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let reply = alice.request(json!({"type": "join", "room": "disk"})).await;
+            if reply["type"] == "joined" {
+                break;
+            }
+            assert_eq!(reply["code"], "unavailable", "{reply}");
+            assert!(Instant::now() < deadline, "not joined in time: {reply}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let seq = alice
+        .send_until_acked(
+            "disk",
+            "after",
+            "after-1",
+            Instant::now() + Duration::from_secs(10),
+        )
+        .await;
+    acked.push((seq, "after".into()));
+    let stored = history(&mut alice, "disk").await;
+    for message in &acked {
+        assert!(stored.contains(message), "acked {message:?} missing");
+    }
+    assert!(node.is_running());
+}
