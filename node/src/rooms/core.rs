@@ -513,6 +513,13 @@ impl RoomCore {
 
     /// Deadlines: expired requests, claims and syncs that take too long, lost appends, idleness.
     pub fn on_tick(&mut self, now: Instant) {
+        if !self.is_active() && !self.reader.writable() {
+            // The claim's promise could not be written (it times out, and this is its tick):
+            // the requests waiting for it are told now, not at their queue timeout.
+            while let Some(waiting) = self.queue.pop_front() {
+                self.fail(&waiting.origin, UNWRITABLE);
+            }
+        }
         while self
             .queue
             .front()
