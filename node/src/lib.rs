@@ -197,6 +197,7 @@ pub async fn start_node(settings: Settings) -> anyhow::Result<NodeHandle> {
         views: views.clone(),
         hub,
         sessions: sessions.clone(),
+        store: store.clone(),
     };
     let gateway = Gateway::new(gateway_config, links, serving_rx);
     tokio::spawn(gateway::http::serve(listener, gateway, stop_rx));

@@ -109,6 +109,10 @@ pub struct Inner {
     pub store_batch: Histogram,
     /// Time to commit one store transaction, seconds.
     pub store_commit_seconds: Histogram,
+    /// Whether the store can write (1) or its last commit failed (0).
+    pub store_writable: Gauge,
+    /// Store transactions that failed (a full disk, an I/O error), each failing its batch.
+    pub store_commit_failures: Counter,
 }
 
 impl std::ops::Deref for Metrics {
@@ -262,6 +266,19 @@ impl Metrics {
             "Time to commit one store transaction",
             store_commit_seconds.clone(),
         );
+        let store_writable = Gauge::default();
+        store_writable.set(1);
+        registry.register(
+            "store_writable",
+            "1 when the store can write, 0 after a failed commit until a write succeeds again",
+            store_writable.clone(),
+        );
+        let store_commit_failures = Counter::default();
+        registry.register(
+            "store_commit_failures",
+            "Store transactions that failed, each failing its batch of writes",
+            store_commit_failures.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -286,6 +303,8 @@ impl Metrics {
                 store_commits,
                 store_batch,
                 store_commit_seconds,
+                store_writable,
+                store_commit_failures,
             }),
         }
     }

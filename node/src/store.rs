@@ -14,12 +14,19 @@
 //! transaction and commits it durably (fsync) before calling each write's completion: group
 //! commit, so a busy node pays one fsync per batch, not per message. Reads open their own read
 //! transactions and never wait for the writer (MVCC).
+//!
+//! A failed commit (a full disk, an I/O error) fails its whole batch at once and marks the store
+//! unwritable ([`Store::writable`], the `chat_store_writable` gauge): rooms then refuse sends
+//! with `unavailable` and `/healthz` answers 503. redb refuses every later operation after an
+//! I/O error, so the writer closes and reopens the database (its repair runs on open), then
+//! probes with a small write every [`PROBE_INTERVAL`] until one commits: the store is writable
+//! again without a restart. Writes queued against the state from before a failure are failed too
+//! (see [`Writer::submit_after`]), so that nothing built on a lost write is ever committed.
 
-use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::mpsc;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, mpsc};
+use std::time::{Duration, Instant};
 
 use chat_protocol::RoomId;
 use chat_protocol::codec;
@@ -39,6 +46,16 @@ const STORE_VERSION: u8 = 2;
 /// Writes handed to the writer thread at most per transaction; bounds a commit's latency.
 const MAX_BATCH: usize = 4096;
 
+/// While the store is unwritable, the writer tries a small write this often.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The size of the probe write: about what a batch of sends adds, so that a probe does not pass
+/// on a disk where real writes still fail.
+const PROBE_BYTES: usize = 16 << 10;
+
+/// The store key the probe writes.
+const PROBE_KEY: &str = "probe";
+
 /// A store failure. Disk errors are not recoverable by retrying the same write.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -51,6 +68,12 @@ pub enum StoreError {
     /// The writer thread is gone (the node is stopping).
     #[error("store: writer stopped")]
     Stopped,
+    /// The database is closed while the writer reopens it after a failure.
+    #[error("store: closed after a failed write; reopening")]
+    Closed,
+    /// The write was made against a state that a failed write has since invalidated.
+    #[error("store: an earlier write failed")]
+    Stale,
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -121,8 +144,18 @@ const MEMORY_KEY: &str = "memory";
 /// The durable store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
-    memory: Arc<AtomicU8>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    path: PathBuf,
+    /// `None` while the writer reopens the database after a failure.
+    db: RwLock<Option<Arc<Database>>>,
+    memory: AtomicU8,
+    /// Whether the last commit (or probe) succeeded.
+    writable: AtomicBool,
+    /// Failed commits since the store was opened: the failure generation.
+    failures: AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -158,14 +191,89 @@ impl Store {
         };
         txn.commit().map_err(db_err)?;
         Ok(Store {
-            db: Arc::new(db),
-            memory: Arc::new(AtomicU8::new(memory as u8)),
+            shared: Arc::new(Shared {
+                path,
+                db: RwLock::new(Some(Arc::new(db))),
+                memory: AtomicU8::new(memory as u8),
+                writable: AtomicBool::new(true),
+                failures: AtomicU64::new(0),
+            }),
         })
+    }
+
+    /// Whether the store can write: false from a failed commit until a write succeeds again.
+    pub fn writable(&self) -> bool {
+        self.shared.writable.load(Ordering::Acquire)
+    }
+
+    /// How many commits failed since the store was opened. A state read or cached before this
+    /// number changed may include writes that never reached the disk.
+    pub fn failures(&self) -> u64 {
+        self.shared.failures.load(Ordering::Acquire)
+    }
+
+    /// The open database (a clone of the handle: reads never hold the lock while they read).
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        let db = self.shared.db.read().unwrap_or_else(|e| e.into_inner());
+        db.clone().ok_or(StoreError::Closed)
+    }
+
+    /// Closes the database and opens it again (redb refuses everything after an I/O error until
+    /// then; opening repairs it). Waits for the reads under way to finish, up to `wait`; returns
+    /// whether the database is open again.
+    fn reopen(&self, wait: Duration) -> bool {
+        let old = self
+            .shared
+            .db
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(mut old) = old {
+            // The file lock is released only when the last handle is dropped; reads hold a
+            // handle for one bounded read.
+            let deadline = Instant::now() + wait;
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => {
+                        drop(db);
+                        break;
+                    }
+                    Err(still_shared) if Instant::now() < deadline => {
+                        old = still_shared;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(still_shared) => {
+                        *self.shared.db.write().unwrap_or_else(|e| e.into_inner()) =
+                            Some(still_shared);
+                        return false;
+                    }
+                }
+            }
+        }
+        match Database::create(&self.shared.path) {
+            Ok(db) => {
+                *self.shared.db.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(db));
+                true
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.shared.path.display(), error = %e, "store cannot be reopened yet");
+                false
+            }
+        }
+    }
+
+    /// Whether the database is open.
+    fn is_open(&self) -> bool {
+        self.shared
+            .db
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// What this node's store remembers of its past.
     pub fn memory(&self) -> Memory {
-        match self.memory.load(Ordering::Relaxed) {
+        match self.shared.memory.load(Ordering::Relaxed) {
             0 => Memory::Intact,
             1 => Memory::Unknown,
             _ => Memory::Lost,
@@ -175,13 +283,15 @@ impl Store {
     /// Records what the membership found out about this store's past (also durably).
     pub fn set_memory(&self, memory: Memory) -> Result<(), StoreError> {
         self.apply(&[Write::node(MEMORY_KEY, &memory)?])?;
-        self.memory.store(memory as u8, Ordering::Relaxed);
+        self.shared.memory.store(memory as u8, Ordering::Relaxed);
         Ok(())
     }
 
     /// This node's log state for `room` (the default state when it holds nothing).
     pub fn log_state(&self, room: &RoomId) -> Result<LogState, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        // The handle outlives the transaction, so that a reopen waits for it.
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(db_err)?;
         let table = txn.open_table(LOGS).map_err(db_err)?;
         match table.get(room.as_str()).map_err(db_err)? {
             Some(value) => decode_log_state(value.value()),
@@ -191,7 +301,9 @@ impl Store {
 
     /// Every room this node holds a log for, with its state.
     pub fn rooms(&self) -> Result<Vec<(RoomId, LogState)>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        // The handle outlives the transaction, so that a reopen waits for it.
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(db_err)?;
         let table = txn.open_table(LOGS).map_err(db_err)?;
         let mut rooms = Vec::new();
         for item in table.iter().map_err(db_err)? {
@@ -215,7 +327,9 @@ impl Store {
         if from_seq > to_seq {
             return Ok(out);
         }
-        let txn = self.db.begin_read().map_err(db_err)?;
+        // The handle outlives the transaction, so that a reopen waits for it.
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(db_err)?;
         let table = txn.open_table(ENTRIES).map_err(db_err)?;
         let mut bytes = 0;
         for item in table
@@ -245,7 +359,9 @@ impl Store {
         if before <= 1 || limit == 0 {
             return Ok(out);
         }
-        let txn = self.db.begin_read().map_err(db_err)?;
+        // The handle outlives the transaction, so that a reopen waits for it.
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(db_err)?;
         let table = txn.open_table(ENTRIES).map_err(db_err)?;
         let mut bytes = 0;
         for item in table
@@ -270,7 +386,9 @@ impl Store {
         &self,
         key: &str,
     ) -> Result<Option<T>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        // The handle outlives the transaction, so that a reopen waits for it.
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(db_err)?;
         let table = txn.open_table(NODE).map_err(db_err)?;
         match table.get(key).map_err(db_err)? {
             Some(value) => decode(value.value()).map(Some),
@@ -282,7 +400,9 @@ impl Store {
     /// one stored and not below `floor` (the caller passes the wall clock, so that a node whose
     /// data was wiped still comes back with an incarnation its peers have not seen).
     pub fn next_incarnation(&self, floor: u64) -> Result<u64, StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
+        // The handle outlives the transaction, so that a reopen waits for it.
+        let db = self.db()?;
+        let txn = db.begin_write().map_err(db_err)?;
         let next = {
             let mut table = txn.open_table(NODE).map_err(db_err)?;
             let current: u64 = match table.get("incarnation").map_err(db_err)? {
@@ -302,7 +422,9 @@ impl Store {
 
     /// Applies `writes` in one durable transaction.
     pub fn apply(&self, writes: &[Write]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
+        // The handle outlives the transaction, so that a reopen waits for it.
+        let db = self.db()?;
+        let txn = db.begin_write().map_err(db_err)?;
         {
             let mut entries = txn.open_table(ENTRIES).map_err(db_err)?;
             let mut logs = txn.open_table(LOGS).map_err(db_err)?;
@@ -392,7 +514,16 @@ fn decode_log_state(bytes: &[u8]) -> Result<LogState, StoreError> {
 /// The handle to the writer thread: queue a write with [`Writer::submit`].
 #[derive(Clone)]
 pub struct Writer {
-    tx: mpsc::Sender<(Write, Done)>,
+    tx: mpsc::Sender<Queued>,
+}
+
+/// A write waiting for the writer thread.
+struct Queued {
+    write: Write,
+    done: Done,
+    /// The failure generation ([`Store::failures`]) the write was made against, if it depends on
+    /// earlier writes having reached the disk.
+    after: Option<u64>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -408,7 +539,7 @@ impl Writer {
         store: Store,
         metrics: Metrics,
     ) -> std::io::Result<(Writer, std::thread::JoinHandle<()>)> {
-        let (tx, rx) = mpsc::channel::<(Write, Done)>();
+        let (tx, rx) = mpsc::channel::<Queued>();
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || run_writer(&store, &metrics, &rx))?;
@@ -418,41 +549,128 @@ impl Writer {
     /// Queues `write`; `done` runs on the writer thread once it is durable or failed.
     /// `done` must not block: it should only send a message.
     pub fn submit(&self, write: Write, done: Done) {
-        if let Err(mpsc::SendError((_, done))) = self.tx.send((write, done)) {
-            done(Err(StoreError::Stopped));
+        self.queue(Queued {
+            write,
+            done,
+            after: None,
+        });
+    }
+
+    /// Queues `write`, decided on a state that includes every write queued before it while
+    /// [`Store::failures`] was `failures`: if a commit failed since, some of those never reached
+    /// the disk, and `write` fails with [`StoreError::Stale`] instead of being committed.
+    pub fn submit_after(&self, failures: u64, write: Write, done: Done) {
+        self.queue(Queued {
+            write,
+            done,
+            after: Some(failures),
+        });
+    }
+
+    fn queue(&self, queued: Queued) {
+        if let Err(mpsc::SendError(queued)) = self.tx.send(queued) {
+            (queued.done)(Err(StoreError::Stopped));
         }
     }
 }
 
-fn run_writer(store: &Store, metrics: &Metrics, rx: &mpsc::Receiver<(Write, Done)>) {
-    let mut writes = Vec::with_capacity(MAX_BATCH);
-    let mut dones = Vec::with_capacity(MAX_BATCH);
-    while let Ok((write, done)) = rx.recv() {
-        writes.push(write);
-        dones.push(done);
-        while writes.len() < MAX_BATCH {
+fn run_writer(store: &Store, metrics: &Metrics, rx: &mpsc::Receiver<Queued>) {
+    metrics.store_writable.set(i64::from(store.writable()));
+    let mut batch: Vec<Queued> = Vec::with_capacity(MAX_BATCH);
+    let mut writes: Vec<Write> = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let first = if store.writable() {
+            match rx.recv() {
+                Ok(queued) => Some(queued),
+                Err(_) => return,
+            }
+        } else {
+            match rx.recv_timeout(PROBE_INTERVAL) {
+                Ok(queued) => Some(queued),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        };
+        if !store.writable() {
+            recover(store, metrics);
+        }
+        let Some(first) = first else { continue };
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok((write, done)) => {
-                    writes.push(write);
-                    dones.push(done);
-                }
+                Ok(queued) => batch.push(queued),
                 Err(_) => break,
             }
         }
-        let started = Instant::now();
-        let result = store.apply(&writes);
-        metrics
-            .store_commit_seconds
-            .observe(started.elapsed().as_secs_f64());
-        metrics.store_batch.observe(writes.len() as f64);
-        metrics.store_commits.inc();
+        let failures = store.failures();
+        let (stale, fresh): (Vec<Queued>, Vec<Queued>) = batch
+            .drain(..)
+            .partition(|q| q.after.is_some_and(|after| after != failures));
+        for queued in stale {
+            (queued.done)(Err(StoreError::Stale));
+        }
+        if fresh.is_empty() {
+            continue;
+        }
+        let mut dones = Vec::with_capacity(fresh.len());
+        for queued in fresh {
+            writes.push(queued.write);
+            dones.push(queued.done);
+        }
+        let result = if store.writable() {
+            let started = Instant::now();
+            let result = store.apply(&writes);
+            metrics
+                .store_commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+            metrics.store_batch.observe(writes.len() as f64);
+            metrics.store_commits.inc();
+            result
+        } else {
+            // Still failing: not worth trying until a probe succeeds.
+            Err(StoreError::Closed)
+        };
         if let Err(e) = &result {
-            tracing::error!(error = %e, writes = writes.len(), "store commit failed");
+            if store.writable() {
+                tracing::error!(error = %e, writes = writes.len(), "store commit failed; refusing writes until the disk takes them again");
+            }
+            metrics.store_commit_failures.inc();
+            metrics.store_writable.set(0);
+            store.shared.writable.store(false, Ordering::Release);
+            store.shared.failures.fetch_add(1, Ordering::AcqRel);
         }
         writes.clear();
-        for done in dones.drain(..) {
+        for done in dones {
             done(result.clone());
         }
+    }
+}
+
+/// Tries to make the store writable again: a small durable write, after reopening the database
+/// when it is closed or refuses the write (redb refuses everything after an I/O error).
+fn recover(store: &Store, metrics: &Metrics) {
+    let probe = || {
+        store.apply(&[Write::Node {
+            key: PROBE_KEY,
+            value: vec![0; PROBE_BYTES],
+        }])
+    };
+    let result = match store.is_open().then(probe) {
+        Some(Ok(())) => Ok(()),
+        _ => {
+            if !store.reopen(Duration::from_secs(1)) {
+                return;
+            }
+            probe()
+        }
+    };
+    match result {
+        Ok(()) => {
+            tracing::info!("store writable again");
+            store.shared.writable.store(true, Ordering::Release);
+            metrics.store_writable.set(1);
+        }
+        Err(e) => tracing::debug!(error = %e, "store still cannot write"),
     }
 }
 
@@ -632,6 +850,69 @@ mod tests {
     }
 
     #[test]
+    fn a_write_made_before_a_failed_commit_is_refused_and_the_writer_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let metrics = Metrics::new();
+        let (writer, handle) = Writer::start(store.clone(), metrics.clone()).unwrap();
+        let room = RoomId::new("r").unwrap();
+        let write = |seq| Write::Log {
+            room: room.clone(),
+            state: state(seq, 1),
+            truncate_after: None,
+            entries: vec![entry(seq, 1, "x")],
+        };
+        let (tx, rx) = mpsc::channel();
+        let done = |tx: &mpsc::Sender<Result<(), StoreError>>| -> Done {
+            let tx = tx.clone();
+            Box::new(move |r| tx.send(r).unwrap())
+        };
+        writer.submit_after(0, write(1), done(&tx));
+        assert!(rx.recv().unwrap().is_ok());
+        // A commit fails (as on a full disk): what was decided before it is not committed.
+        store.shared.failures.fetch_add(1, Ordering::AcqRel);
+        store.shared.writable.store(false, Ordering::Release);
+        writer.submit_after(0, write(2), done(&tx));
+        assert!(matches!(rx.recv().unwrap(), Err(StoreError::Stale)));
+        assert_eq!(store.log_state(&room).unwrap().last_seq, 1);
+        // The writer probes until a write succeeds, then takes writes again.
+        let deadline = Instant::now() + PROBE_INTERVAL * 10;
+        while !store.writable() {
+            assert!(Instant::now() < deadline, "the store did not recover");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(metrics.store_writable.get(), 1);
+        writer.submit_after(store.failures(), write(2), done(&tx));
+        assert!(rx.recv().unwrap().is_ok());
+        drop(writer);
+        handle.join().unwrap();
+        assert_eq!(store.entries(&room, 1, 10, usize::MAX).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_reopened_store_keeps_its_data_and_waits_for_reads_under_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let room = RoomId::new("r").unwrap();
+        store
+            .apply(&[Write::Log {
+                room: room.clone(),
+                state: state(3, 1),
+                truncate_after: None,
+                entries: (1..=3).map(|s| entry(s, 1, "x")).collect(),
+            }])
+            .unwrap();
+        // A read holding the database makes a short wait give up, and leaves it open.
+        let held = store.db().unwrap();
+        assert!(!store.reopen(Duration::from_millis(20)));
+        assert!(store.is_open());
+        drop(held);
+        assert!(store.reopen(Duration::from_secs(1)));
+        assert_eq!(store.log_state(&room).unwrap(), state(3, 1));
+        assert_eq!(store.entries(&room, 1, 10, usize::MAX).unwrap().len(), 3);
+    }
+
+    #[test]
     fn incarnations_grow_across_opens() {
         let dir = tempfile::tempdir().unwrap();
         let a = Store::open(dir.path())
@@ -682,7 +963,7 @@ mod tests {
         };
         let bytes = codec::encode_versioned(1, &v1).unwrap();
         {
-            let txn = store.db.begin_write().unwrap();
+            let txn = store.db().unwrap().begin_write().unwrap();
             txn.open_table(LOGS)
                 .unwrap()
                 .insert("old", bytes.as_slice())

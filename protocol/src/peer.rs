@@ -104,6 +104,11 @@ pub enum AppendOutcome {
         /// The copy.
         state: LogState,
     },
+    /// Not stored: the node cannot write to its disk (full, or failing). The owner answers the
+    /// sends waiting on it `unavailable` at once and sends again later. (Added last, so the
+    /// other outcomes keep their bytes; a node from before it fails to decode it and drops it,
+    /// which is what it did with a failed write before.)
+    Unwritable,
 }
 
 /// A request to the owner of a room, from a connection on `origin.node`.

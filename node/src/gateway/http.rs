@@ -53,6 +53,7 @@ use crate::gateway::sessions::SessionsMessage;
 use crate::gateway::socket;
 use crate::hub::HubMessage;
 use crate::metrics::Metrics;
+use crate::store::Store;
 
 /// TCP connections accepted beyond `max-connections` for plain HTTP (health checks, metrics).
 const HTTP_RESERVE: usize = 64;
@@ -107,6 +108,8 @@ pub struct GatewayLinks {
     pub hub: Slot<HubMessage>,
     /// The current supervisor of sessions.
     pub sessions: Slot<SessionsMessage>,
+    /// The store (for `/healthz`: whether it can write).
+    pub store: Store,
 }
 
 /// Everything a connection task shares.
@@ -312,17 +315,26 @@ fn route(
 
 fn health(gateway: &Gateway) -> Response<Full<Bytes>> {
     let view = gateway.node.views.borrow().clone();
-    let serving = *gateway.serving.borrow() && view.quorum;
-    let status = if serving { "ok" } else { "unavailable" };
-    let code = if serving {
-        StatusCode::OK
+    // Why the node cannot serve, the first that applies (docs/protocol.md §5).
+    let reason = if !*gateway.serving.borrow() {
+        Some("stopping")
+    } else if !view.quorum {
+        Some("quorum")
+    } else if !gateway.node.store.writable() {
+        Some("store")
     } else {
-        StatusCode::SERVICE_UNAVAILABLE
+        None
     };
-    json(
-        code,
-        &serde_json::json!({ "status": status, "node": view.me, "members": view.up_count() }),
-    )
+    let (code, status) = match reason {
+        None => (StatusCode::OK, "ok"),
+        Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+    };
+    let mut body =
+        serde_json::json!({ "status": status, "node": view.me, "members": view.up_count() });
+    if let Some(reason) = reason {
+        body["reason"] = reason.into();
+    }
+    json(code, &body)
 }
 
 fn room_placement(room: &RoomId, gateway: &Gateway) -> Response<Full<Bytes>> {

@@ -100,6 +100,12 @@ pub trait LogReader: Send + Sync {
         to_seq: u64,
         max_bytes: usize,
     ) -> Result<Vec<Entry>, StoreError>;
+
+    /// Whether this node's store can write now (false after a failed commit, until a write
+    /// succeeds again).
+    fn writable(&self) -> bool {
+        true
+    }
 }
 
 impl LogReader for Store {
@@ -112,7 +118,16 @@ impl LogReader for Store {
     ) -> Result<Vec<Entry>, StoreError> {
         Store::entries(self, room, from_seq, to_seq, max_bytes)
     }
+
+    fn writable(&self) -> bool {
+        Store::writable(self)
+    }
 }
+
+/// What a client is told when a send cannot be stored because a disk cannot write.
+const UNWRITABLE: &str = "this node cannot write to its disk; retry";
+/// The same, when the disk is another node's of the room's placement.
+const REPLICA_UNWRITABLE: &str = "a node holding the room's log cannot write to its disk; retry";
 
 /// Why a room stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -374,6 +389,9 @@ impl RoomCore {
                 self.last_activity = now;
                 if self.is_active() {
                     self.serve(origin, op, received, now);
+                } else if !self.reader.writable() {
+                    // No claim can succeed without writing its promise.
+                    self.fail(&origin, UNWRITABLE);
                 } else if !self.view.quorum {
                     // Waiting would not help: no claim can succeed without a majority.
                     self.fail(
@@ -495,6 +513,13 @@ impl RoomCore {
 
     /// Deadlines: expired requests, claims and syncs that take too long, lost appends, idleness.
     pub fn on_tick(&mut self, now: Instant) {
+        if !self.is_active() && !self.reader.writable() {
+            // The claim's promise could not be written (it times out, and this is its tick):
+            // the requests waiting for it are told now, not at their queue timeout.
+            while let Some(waiting) = self.queue.pop_front() {
+                self.fail(&waiting.origin, UNWRITABLE);
+            }
+        }
         while self
             .queue
             .front()
@@ -873,6 +898,24 @@ impl RoomCore {
                 tracing::warn!(room = %self.id, epoch = self.epoch, by = %node, "a copy forgot its promise; claiming again");
                 self.start_claim(now);
             }
+            AppendOutcome::Unwritable => {
+                // Not stored: the sends waiting to be committed cannot be acknowledged soon. They
+                // stay in the log and are sent again (a retry with the same client id is
+                // answered with their seq once committed), but their senders are told now
+                // instead of at their request timeout.
+                tracing::debug!(room = %self.id, by = %node, "a copy cannot write to its disk");
+                let why = if node == self.me {
+                    UNWRITABLE
+                } else {
+                    REPLICA_UNWRITABLE
+                };
+                // Those the node already stored may still be committed soon (in seq order).
+                let stored = self.replicas.get(&node).map_or(0, |r| r.matched);
+                let keep = self.inflight.partition_point(|i| i.seq <= stored);
+                for inflight in self.inflight.split_off(keep) {
+                    self.fail(&inflight.origin, why);
+                }
+            }
             AppendOutcome::Diverged { state } => {
                 let point = log::common_prefix(&state, &self.log);
                 if let Some(replica) = self.replicas.get_mut(&node) {
@@ -1138,6 +1181,8 @@ impl RoomCore {
                         seq,
                     },
                 );
+            } else if !self.reader.writable() {
+                self.fail(&origin, UNWRITABLE);
             } else {
                 let epoch = log::epoch_at(&self.log, seq).unwrap_or(self.epoch);
                 let at = self.inflight.partition_point(|i| i.seq <= seq);
@@ -1151,6 +1196,12 @@ impl RoomCore {
                     },
                 );
             }
+            return;
+        }
+        if !self.reader.writable() {
+            // Refused at once rather than sequenced to wait for a disk that may stay full: the
+            // room's log is left as it was.
+            self.fail(&origin, UNWRITABLE);
             return;
         }
         let seq = self.log.last_seq + 1;
@@ -1462,6 +1513,8 @@ mod tests {
     struct Disk {
         logs: BTreeMap<RoomId, LogState>,
         entries: BTreeMap<u64, Entry>,
+        /// What `Store::writable` reports, negated.
+        unwritable: bool,
     }
 
     struct Shared(Arc<Mutex<Disk>>);
@@ -1480,6 +1533,10 @@ mod tests {
                 .range(from..=to)
                 .map(|(_, e)| e.clone())
                 .collect())
+        }
+
+        fn writable(&self) -> bool {
+            !self.0.lock().unwrap().unwritable
         }
     }
 
@@ -1729,6 +1786,62 @@ mod tests {
         cluster.send(&mut core, 2, "hello", "m1");
         assert_eq!(cluster.acked(2), Some(Ok(1)));
         assert_eq!(cluster.stored("a").len(), 1);
+    }
+
+    #[test]
+    fn a_copy_that_cannot_write_fails_the_waiting_sends_at_once_and_acks_nothing_unstored() {
+        let mut cluster = Cluster::new();
+        let mut core = cluster.core("a", &["a", "b", "c"], None);
+        cluster.settle(&mut core);
+        cluster.send(&mut core, 1, "one", "m1");
+        assert_eq!(cluster.acked(1), Some(Ok(1)));
+        // c's disk is full: its keeper answers the append `Unwritable` instead of storing it.
+        cluster.lose_appends_to = vec![node("c")];
+        cluster.send(&mut core, 2, "two", "m2");
+        assert_eq!(cluster.acked(2), None);
+        let epoch = core.epoch();
+        core.on_peer(
+            ToRoom::Appended {
+                epoch,
+                node: node("c"),
+                outcome: AppendOutcome::Unwritable,
+            },
+            cluster.now,
+            cluster.now,
+            1_000,
+        );
+        cluster.effects(&mut core);
+        assert_eq!(cluster.acked(2), Some(Err(REPLICA_UNWRITABLE.into())));
+        assert_eq!(core.commit(), 1, "nothing unstored is committed");
+        // Once c writes again, the entry is sent again and committed; a retry of the same id is
+        // acknowledged with its seq, stored once.
+        cluster.lose_appends_to.clear();
+        cluster.now += RESEND_AFTER;
+        core.on_tick(cluster.now);
+        cluster.settle(&mut core);
+        assert_eq!(core.commit(), 2);
+        cluster.send(&mut core, 3, "two", "m2");
+        assert_eq!(cluster.acked(3), Some(Ok(2)));
+        assert_eq!(cluster.stored("c").len(), 2);
+    }
+
+    #[test]
+    fn sends_are_refused_at_once_while_this_nodes_store_cannot_write() {
+        let mut cluster = Cluster::new();
+        let mut core = cluster.core("a", &["a", "b", "c"], None);
+        cluster.settle(&mut core);
+        cluster.send(&mut core, 1, "one", "m1");
+        assert_eq!(cluster.acked(1), Some(Ok(1)));
+        cluster.disks[&node("a")].lock().unwrap().unwritable = true;
+        cluster.send(&mut core, 2, "two", "m2");
+        assert_eq!(cluster.acked(2), Some(Err(UNWRITABLE.into())));
+        // Nothing was sequenced: the log is as it was, and a committed retry is still acked.
+        assert_eq!(cluster.stored("a").len(), 1);
+        cluster.send(&mut core, 3, "one", "m1");
+        assert_eq!(cluster.acked(3), Some(Ok(1)));
+        cluster.disks[&node("a")].lock().unwrap().unwritable = false;
+        cluster.send(&mut core, 4, "two", "m2");
+        assert_eq!(cluster.acked(4), Some(Ok(2)));
     }
 
     /// The first step of the double-fault fork: the owner stored seq 2, its replica did not.

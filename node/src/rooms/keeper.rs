@@ -29,8 +29,9 @@ pub const FETCH_MAX_BYTES: usize = 1 << 20;
 /// What the keeper decided; its actor (or the simulation) carries it out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeeperEffect {
-    /// Makes `write` durable, then sends `answer` to the room's actor on `to`; nothing is
-    /// answered when the write fails (the owner asks again).
+    /// Makes `write` durable, then sends `answer` to the room's actor on `to`; when the write
+    /// fails, an append is answered [`AppendOutcome::Unwritable`] and a promise not at all (the
+    /// owner asks again).
     Write {
         /// The room.
         room: RoomId,
@@ -69,6 +70,9 @@ pub enum KeeperEffect {
 pub struct KeeperCore {
     me: NodeName,
     logs: HashMap<RoomId, LogState>,
+    /// The store's failed commits when the cached states were last known to match the disk
+    /// plus the writes queued since.
+    failures: u64,
 }
 
 impl KeeperCore {
@@ -77,7 +81,43 @@ impl KeeperCore {
         KeeperCore {
             me,
             logs: HashMap::new(),
+            failures: 0,
         }
+    }
+
+    /// Tells the keeper how many commits of the store failed so far; returns the number its
+    /// writes are decided against (for [`Writer::submit_after`]). When it changed, some writes
+    /// the cached states include never reached the disk: every state is read again on next use.
+    pub fn on_store_failures(&mut self, failures: u64) -> u64 {
+        if failures != self.failures {
+            self.logs.clear();
+            self.failures = failures;
+        }
+        self.failures
+    }
+
+    /// The answer to `message` when this node cannot write: an append is answered
+    /// [`AppendOutcome::Unwritable`] so that its owner fails the sends waiting on it at once;
+    /// other requests are not answered (their owner asks again).
+    pub fn unwritable(&self, message: &ToKeeper) -> Option<KeeperEffect> {
+        let ToKeeper::Append {
+            room,
+            epoch,
+            placement,
+            ..
+        } = message
+        else {
+            return None;
+        };
+        Some(KeeperEffect::Answer {
+            room: room.clone(),
+            to: placement.nodes.first()?.clone(),
+            answer: ToRoom::Appended {
+                epoch: *epoch,
+                node: self.me.clone(),
+                outcome: AppendOutcome::Unwritable,
+            },
+        })
     }
 
     /// Handles a request from an owner; `load` reads a room's state from the store the first
@@ -275,6 +315,8 @@ pub struct KeeperArgs {
 pub struct KeeperState {
     args: KeeperArgs,
     core: KeeperCore,
+    /// The store's failed commits the writes being decided are made against.
+    failures: u64,
 }
 
 /// Messages of the log keeper.
@@ -302,6 +344,7 @@ impl Actor for LogKeeper {
         }));
         Ok(KeeperState {
             core: KeeperCore::new(args.net.me().clone()),
+            failures: args.store.failures(),
             args,
         })
     }
@@ -315,13 +358,27 @@ impl Actor for LogKeeper {
         match message {
             KeeperMessage::Peer(message) => {
                 let store = &state.args.store;
-                // A read error means the disk is failing: stop and let the supervisor decide.
+                state.failures = state.core.on_store_failures(store.failures());
                 let lost_disk = store.memory().doubtful();
-                for effect in state
+                // Cheap: no entries. Kept in case the state cannot be read.
+                let unwritable = state.core.unwritable(&message);
+                match state
                     .core
-                    .on(message, lost_disk, |room| store.log_state(room))?
+                    .on(message, lost_disk, |room| store.log_state(room))
                 {
-                    state.carry_out(&myself, effect);
+                    Ok(effects) => {
+                        for effect in effects {
+                            state.carry_out(&myself, effect);
+                        }
+                    }
+                    // The disk is failing (or the database is being reopened after a failed
+                    // write): answer as for a failed write; the node keeps running.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "log state unreadable");
+                        if let Some(effect) = unwritable {
+                            state.carry_out(&myself, effect);
+                        }
+                    }
                 }
             }
             KeeperMessage::WriteFailed(room) => state.core.write_failed(&room),
@@ -344,14 +401,26 @@ impl KeeperState {
             } => {
                 let net = self.args.net.clone();
                 let keeper = myself.clone();
-                self.args.writer.submit(
+                self.args.writer.submit_after(
+                    self.failures,
                     write,
                     Box::new(move |result| match result {
                         Ok(()) => {
                             let _ = net.to_room(&to, room, answer);
                         }
                         Err(e) => {
-                            tracing::error!(room = %room, error = %e, "log write failed");
+                            tracing::debug!(room = %room, error = %e, "log write failed");
+                            // The owner fails the sends waiting on it at once (a failed promise
+                            // is not answered: the claim times out and starts over).
+                            if let ToRoom::Appended { epoch, node, .. } = answer {
+                                let outcome = AppendOutcome::Unwritable;
+                                let answer = ToRoom::Appended {
+                                    epoch,
+                                    node,
+                                    outcome,
+                                };
+                                let _ = net.to_room(&to, room.clone(), answer);
+                            }
                             let _ = keeper.cast(KeeperMessage::WriteFailed(room));
                         }
                     }),

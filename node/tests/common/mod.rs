@@ -191,6 +191,13 @@ impl NodeProcess {
         self.child.as_ref().map(Child::id).expect("not running")
     }
 
+    /// Whether the process is still running (it did not exit, by itself or killed).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
     /// Waits until `/healthz` answers 200.
     pub fn wait_healthy(&self) {
         let deadline = Instant::now() + TIMEOUT * 3;

@@ -30,8 +30,8 @@ use chat_node::rooms::host::{Route, moves, route};
 use chat_node::rooms::keeper::{FETCH_MAX_BYTES, KeeperCore, KeeperEffect};
 use chat_node::store::{Memory, StoreError, Write};
 use chat_protocol::peer::{
-    Entry, Heartbeat, LogState, MemberInfo, PeerMessage, Reply, SessionId, ToHub, ToKeeper, ToRoom,
-    ToRooms,
+    AppendOutcome, Entry, Heartbeat, LogState, MemberInfo, PeerMessage, Reply, SessionId, ToHub,
+    ToKeeper, ToRoom, ToRooms,
 };
 use chat_protocol::{ErrorCode, NodeName, RoomId, UserName};
 use serde_json::value::RawValue;
@@ -96,6 +96,8 @@ pub struct Disk {
     incarnation: u64,
     /// What the store remembers of the node's past (a new store: unknown).
     memory: Memory,
+    /// A commit failed and no write succeeded since (what `Store::writable` reports, negated).
+    unwritable: bool,
 }
 
 impl Disk {
@@ -107,6 +109,7 @@ impl Disk {
             known: None,
             incarnation: 0,
             memory: Memory::Unknown,
+            unwritable: false,
         }
     }
 
@@ -166,6 +169,10 @@ impl LogReader for DiskReader {
     ) -> Result<Vec<Entry>, StoreError> {
         let disk = self.0.lock().map_err(|_| StoreError::Stopped)?;
         Ok(disk.range(room, from_seq, to_seq, max_bytes))
+    }
+
+    fn writable(&self) -> bool {
+        self.0.lock().is_ok_and(|disk| !disk.unwritable)
     }
 }
 
@@ -1605,16 +1612,29 @@ impl World {
         }
     }
 
+    /// A disk starts or stops failing its commits; once it stops, the node's probe write
+    /// succeeds at once and the store is writable again.
+    fn set_disk_failing(&mut self, node: usize, on: bool) {
+        let n = &mut self.nodes[node];
+        n.disk_failing = on;
+        if !on {
+            n.disk.lock().expect("disk").unwritable = false;
+        }
+    }
+
     /// A group commit: everything queued goes in one transaction, made durable (or failed)
     /// at once; answers go out in order.
     fn commit(&mut self, node: usize) {
         let n = &mut self.nodes[node];
         let batch: Vec<(DiskWrite, Done)> = n.pending.drain(..).take(4096).collect();
         let failing = n.disk_failing;
-        if !failing {
+        {
             let mut disk = n.disk.lock().expect("disk");
-            for (write, _) in &batch {
-                disk.apply(write);
+            disk.unwritable = failing;
+            if !failing {
+                for (write, _) in &batch {
+                    disk.apply(write);
+                }
             }
         }
         for (_, done) in batch {
@@ -1624,6 +1644,18 @@ impl World {
                     if failing {
                         if let Some(life) = self.nodes[node].life.as_mut() {
                             life.keeper.write_failed(&room);
+                        }
+                        // As the keeper does: the owner fails the sends waiting on it at once.
+                        if let ToRoom::Appended {
+                            epoch, node: from, ..
+                        } = answer
+                        {
+                            let answer = ToRoom::Appended {
+                                epoch,
+                                node: from,
+                                outcome: AppendOutcome::Unwritable,
+                            };
+                            self.answer_room(node, &to, room, answer);
                         }
                     } else {
                         self.answer_room(node, &to, room, answer);
@@ -1762,7 +1794,7 @@ impl World {
                 }
             }
             Fault::SlowDisk(node, on) => self.nodes[node].disk_slow = on,
-            Fault::FailDisk(node, on) => self.nodes[node].disk_failing = on,
+            Fault::FailDisk(node, on) => self.set_disk_failing(node, on),
             Fault::Join(node) => {
                 if !self.nodes[node].running() {
                     self.start_node(node);
@@ -1801,6 +1833,7 @@ impl World {
         n.committing = false;
         n.disk_gen += 1;
         n.disk_failing = false;
+        n.disk.lock().expect("disk").unwritable = false;
         n.disk_slow = false;
         if lose_disk {
             n.disk = Arc::new(Mutex::new(Disk::fresh()));
@@ -2022,7 +2055,7 @@ impl World {
         for node in 0..self.nodes.len() {
             self.thaw(node);
             self.nodes[node].disk_slow = false;
-            self.nodes[node].disk_failing = false;
+            self.set_disk_failing(node, false);
             if self.nodes[node].started && !self.nodes[node].running() && !self.nodes[node].left {
                 self.start_node(node);
             }
