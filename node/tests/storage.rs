@@ -123,17 +123,26 @@ async fn history(client: &mut Client, room: &str) -> Vec<(u64, String)> {
         .collect()
 }
 
-#[tokio::test]
-async fn a_full_disk_refuses_sends_at_once_and_recovers_without_a_restart() {
+/// A healthy node whose data directory is on a fresh 4 MiB tmpfs; `None` (skipped visibly) where
+/// no tmpfs can be mounted.
+fn node_on_tmpfs() -> Option<(Tmpfs, NodeProcess)> {
     let tmpfs = match Tmpfs::mount("4m") {
         Ok(tmpfs) => tmpfs,
         Err(why) => {
             skip(&why);
-            return;
+            return None;
         }
     };
-    let mut node = NodeProcess::spawn_in("n1", "127.0.0.1", &tmpfs.dir.join("n1"), &[]);
+    let node = NodeProcess::spawn_in("n1", "127.0.0.1", &tmpfs.dir.join("n1"), &[]);
     node.wait_healthy();
+    Some((tmpfs, node))
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_sends_at_once_and_recovers_without_a_restart() {
+    let Some((tmpfs, mut node)) = node_on_tmpfs() else {
+        return;
+    };
     let pid = node.pid();
     let mut alice = Client::connect(node.http, "alice").await;
     alice.join("disk", None).await;
@@ -238,15 +247,9 @@ async fn a_full_disk_refuses_sends_at_once_and_recovers_without_a_restart() {
 
 #[tokio::test]
 async fn a_node_killed_and_restarted_on_a_full_disk_starts_and_keeps_what_it_acknowledged() {
-    let tmpfs = match Tmpfs::mount("4m") {
-        Ok(tmpfs) => tmpfs,
-        Err(why) => {
-            skip(&why);
-            return;
-        }
+    let Some((tmpfs, mut node)) = node_on_tmpfs() else {
+        return;
     };
-    let mut node = NodeProcess::spawn_in("n1", "127.0.0.1", &tmpfs.dir.join("n1"), &[]);
-    node.wait_healthy();
     let mut alice = Client::connect(node.http, "alice").await;
     alice.join("disk", None).await;
     let mut acked = Vec::new();
