@@ -20,21 +20,33 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(wire::decode(&again).expect("re-encoded decodes"), envelope);
     }
 
-    let key = datagram::key("fuzz cookie");
+    let key = datagram::key("fuzz cookie", None);
+    let sealer = datagram::Sealer::new(key);
     // Unsealed (or wrongly sealed) bytes are never heard.
-    let _ = datagram::open(&key, data);
-    // Sealed with the cookie: the payload is decoded as a heartbeat.
+    let _ = sealer.opener().open(data, 0);
+    // Sealed with the cookie: the stamp is checked and the rest decoded as a heartbeat (opened
+    // at the stamp's own send time, so that the fuzzer reaches the decoder).
     let mut mac = Hmac::<Sha256>::new_from_slice(&key).expect("HMAC takes any key");
     mac.update(data);
     let mut sealed = data.to_vec();
     sealed.extend_from_slice(&mac.finalize().into_bytes());
-    let opened = datagram::open(&key, &sealed).ok();
-    assert_eq!(opened, codec::decode::<Heartbeat>(data).ok());
+    let sent_ms = data
+        .get(8..16)
+        .map_or(0, |b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
+    let opened = sealer.opener().open(&sealed, sent_ms).ok();
+    let body = data
+        .get(16..)
+        .and_then(|body| codec::decode::<Heartbeat>(body).ok());
+    assert_eq!(opened, body);
     if let Some(heartbeat) = opened {
-        let resealed = datagram::seal(&key, &heartbeat).expect("a decoded heartbeat encodes");
+        let resealed = sealer
+            .seal(&heartbeat, 7)
+            .expect("a decoded heartbeat encodes");
+        let mut opener = sealer.opener();
         assert_eq!(
-            datagram::open(&key, &resealed).expect("resealed opens"),
+            opener.open(&resealed, 7).expect("resealed opens"),
             heartbeat
         );
+        assert!(opener.open(&resealed, 7).is_err(), "a replay opens");
     }
 });

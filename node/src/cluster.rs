@@ -8,9 +8,10 @@
 //!
 //! ```text
 //!  Cluster (supervisor; any child stopping fails it, and Root restarts the whole subtree)
-//!   ├── NodeServer (ractor_cluster)   TCP sessions to peers, cookie challenge, process groups
+//!   ├── NodeServer (ractor_cluster)   sessions to peers, cookie challenge, process groups
 //!   ├── Router (net::router)          the one actor peers can message
-//!   ├── Links (net::links)            dials the members the membership wants, drops dead ones
+//!   ├── Links (net::links)            accepts on the cluster port and dials the members the
+//!   │                                 membership wants (through net::transport), drops dead ones
 //!   └── Membership                    UDP heartbeats → the view (who is up, quorum) → watchers
 //! ```
 //!
@@ -22,7 +23,7 @@ pub mod membership;
 pub mod ring;
 pub mod view;
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,14 +31,15 @@ use anyhow::Context as _;
 use chat_protocol::peer::MemberInfo;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use ractor_cluster::RactorMessage;
-use tokio::net::UdpSocket;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 
 use crate::clock::now_ms;
 use crate::net::Net;
-use crate::net::datagram;
+use crate::net::datagram::{self, Sealer};
 use crate::net::links::{Links, LinksArgs};
 use crate::net::router::Router;
+use crate::net::transport::{Tls, Transport};
 use crate::store::{Store, Writer};
 use membership::{Membership, MembershipArgs, MembershipMessage};
 use view::View;
@@ -56,22 +58,56 @@ pub struct ClusterConfig {
     pub cookie: String,
     /// The URL browsers use to reach this node.
     pub public_url: Option<String>,
+    /// Node-to-node TLS, when configured.
+    pub tls: Option<Tls>,
     /// Heartbeat timing and bootstrap.
     pub detector: detector::DetectorConfig,
 }
 
-/// Binds the node-to-node port's UDP side (the TCP side is the node server's): done once, before
-/// the actors start, so that a taken port fails the start with a clear error.
-pub async fn bind(listen: &str) -> anyhow::Result<Arc<UdpSocket>> {
+/// The bound node-to-node port: TCP for sessions, UDP for heartbeats, one port number.
+#[derive(Debug, Clone)]
+pub struct Port {
+    /// Node-to-node sessions.
+    pub tcp: Arc<TcpListener>,
+    /// Heartbeats.
+    pub udp: Arc<UdpSocket>,
+}
+
+impl Port {
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.udp.local_addr()
+    }
+}
+
+/// Binds the node-to-node port, both sides: done once, before the actors start, so that a taken
+/// port fails the start with a clear error.
+pub async fn bind(listen: &str) -> anyhow::Result<Port> {
     let addr = tokio::net::lookup_host(listen)
         .await
         .with_context(|| format!("resolving `cluster-listen` {listen}"))?
         .next()
         .with_context(|| format!("`cluster-listen` {listen} resolves to nothing"))?;
-    let socket = UdpSocket::bind(addr)
-        .await
-        .with_context(|| format!("binding the heartbeat port udp/{addr}"))?;
-    Ok(Arc::new(socket))
+    // Port 0 picks the TCP port first; the UDP side takes the same number (retried if taken).
+    for attempt in 1.. {
+        let tcp = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the node-to-node port tcp/{addr}"))?;
+        let bound = tcp.local_addr()?;
+        match UdpSocket::bind(bound).await {
+            Ok(udp) => {
+                return Ok(Port {
+                    tcp: Arc::new(tcp),
+                    udp: Arc::new(udp),
+                });
+            }
+            Err(_) if addr.port() == 0 && attempt < 10 => continue,
+            Err(e) => {
+                return Err(e).with_context(|| format!("binding the heartbeat port udp/{bound}"));
+            }
+        }
+    }
+    unreachable!("the loop returns")
 }
 
 /// The supervisor of the cluster-mode actors.
@@ -87,8 +123,8 @@ pub struct ClusterArgs {
     pub views: watch::Sender<Arc<View>>,
     /// Settings.
     pub config: ClusterConfig,
-    /// The bound node-to-node port (UDP side).
-    pub socket: Arc<UdpSocket>,
+    /// The bound node-to-node port.
+    pub port: Port,
     /// For the known members and the incarnation.
     pub store: Store,
     /// For persisting the known members.
@@ -117,7 +153,7 @@ impl Actor for Cluster {
         myself: ActorRef<ClusterMessage>,
         args: ClusterArgs,
     ) -> Result<ClusterState, ActorProcessingErr> {
-        let addr: SocketAddr = args.socket.local_addr()?;
+        let addr: SocketAddr = args.port.local_addr()?;
         let me = args.net.me().clone();
         let host = args
             .config
@@ -126,21 +162,26 @@ impl Actor for Cluster {
             .map_or(args.config.advertise.as_str(), |(h, _)| h)
             .to_owned();
         let cell = myself.get_cell();
+        let transport = Transport::new(args.config.tls.clone(), args.net.metrics().clone());
+        // The node server's own listener cannot be turned off: it gets an ephemeral loopback
+        // port that nothing dials (the cluster port is the transport's).
         let server = ractor_cluster::NodeServer::new(
-            addr.port(),
+            0,
             args.config.cookie.clone(),
             me.to_string(),
             host,
-            None,
+            Some(transport.incoming_mode()),
             Some(ractor_cluster::node::NodeConnectionMode::Isolated),
         )
-        .with_listen_addr(addr.ip())
+        .with_listen_addr(Ipv4Addr::LOCALHOST.into())
         .with_max_inbound_frame_size(ractor_cluster::DEFAULT_MAX_INBOUND_FRAME_SIZE);
         let (server, _) = Actor::spawn_linked(None, server, (), cell.clone()).await?;
         Actor::spawn_linked(None, Router, args.net.clone(), cell.clone()).await?;
         let links_args = LinksArgs {
             net: args.net.clone(),
             server,
+            transport,
+            listener: args.port.tcp.clone(),
         };
         let (links, _) = Actor::spawn_linked(None, Links, links_args, cell.clone()).await?;
         // Milliseconds since the Unix epoch as a floor: a node restarted with an empty data
@@ -155,8 +196,11 @@ impl Actor for Cluster {
                 addr: args.config.advertise.clone(),
                 public_url: args.config.public_url.clone(),
             },
-            socket: args.socket.clone(),
-            key: datagram::key(&args.config.cookie),
+            socket: args.port.udp.clone(),
+            sealer: Arc::new(Sealer::new(datagram::key(
+                &args.config.cookie,
+                args.config.tls.as_ref().map(Tls::ca),
+            ))),
             seeds: args.config.seeds.clone(),
             config: args.config.detector,
             store: args.store.clone(),

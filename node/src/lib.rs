@@ -56,6 +56,7 @@ use crate::gateway::session::Limits;
 use crate::gateway::sessions::SessionsMessage;
 use crate::metrics::Metrics;
 use crate::net::Net;
+use crate::net::transport::Tls;
 use crate::rooms::core::RoomConfig;
 use crate::settings::Settings;
 use crate::store::{Memory, Store, Writer};
@@ -113,8 +114,12 @@ pub async fn start_node(settings: Settings) -> anyhow::Result<NodeHandle> {
     if let (Some(listen), Some(cookie)) = (&settings.cluster_listen, &settings.cookie) {
         // In cluster mode nothing is written before the membership finds a quorum.
         view = View::new(me.clone(), view.members.clone(), false, 0);
-        let socket = cluster::bind(listen).await?;
-        cluster_addr = Some(socket.local_addr()?);
+        let port = cluster::bind(listen).await?;
+        cluster_addr = Some(port.local_addr()?);
+        let tls = match settings.cluster_tls() {
+            Some((cert, key, ca)) => Some(Tls::load(cert, key, ca)?),
+            None => None,
+        };
         cluster = Some(ClusterConfig {
             advertise: settings
                 .advertised_cluster_addr()
@@ -122,24 +127,25 @@ pub async fn start_node(settings: Settings) -> anyhow::Result<NodeHandle> {
             seeds: settings.seeds.clone(),
             cookie: cookie.clone(),
             public_url: settings.public_url.clone(),
+            tls,
             detector: DetectorConfig {
                 interval: Duration::from_millis(settings.heartbeat_interval_ms),
                 failure_timeout: Duration::from_millis(settings.failure_timeout_ms),
                 bootstrap_expect: settings.bootstrap_expect,
             },
         })
-        .map(|config| (config, socket));
+        .map(|config| (config, port));
     }
     if cluster.is_none() && store.memory() != Memory::Intact {
         // Alone, a node has nobody else's copies to compare with: a new store is just new.
         store.set_memory(Memory::Intact)?;
     }
     let (views_tx, views) = watch::channel(Arc::new(view));
-    let cluster = cluster.map(|(config, socket)| ClusterArgs {
+    let cluster = cluster.map(|(config, port)| ClusterArgs {
         net: net.clone(),
         views: views_tx.clone(),
         config,
-        socket,
+        port,
         store: store.clone(),
         writer: writer.clone(),
     });

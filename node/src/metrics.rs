@@ -95,6 +95,9 @@ pub struct Inner {
     pub peer_decode_failures: Counter,
     /// Node-to-node messages not sent, by reason (`unreachable`, `too_large`, `congested`).
     pub peer_dropped: Family<KindLabel, Counter>,
+    /// Node-to-node TCP streams closed before they authenticated, by reason
+    /// (`too_many_strangers`, `handshake_timeout`, `tls`).
+    pub cluster_streams_refused: Family<KindLabel, Counter>,
     /// Cluster members this node sees up, itself included.
     pub members: Gauge,
     /// Whether this node is in the majority of the known membership (1) or not (0).
@@ -224,6 +227,12 @@ impl Metrics {
             "Node-to-node messages not sent, by reason",
             peer_dropped.clone(),
         );
+        let cluster_streams_refused = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "cluster_streams_refused",
+            "Node-to-node TCP streams closed before they authenticated, by reason",
+            cluster_streams_refused.clone(),
+        );
         let members = Gauge::default();
         registry.register(
             "members",
@@ -296,6 +305,7 @@ impl Metrics {
                 peer_bytes,
                 peer_decode_failures,
                 peer_dropped,
+                cluster_streams_refused,
                 members,
                 quorum,
                 room_claims,

@@ -17,11 +17,14 @@
 //! - [`router`]: the one remotable actor of a node: decodes what peers send.
 //! - [`links`]: the ractor_cluster node server's sessions to peers: dials the members it is told
 //!   to keep, records ready sessions here, drops dead ones.
+//! - [`transport`]: the cluster port's TCP side: TLS, and the deadline and caps on streams that
+//!   have not authenticated yet.
 //! - [`datagram`]: the sealed UDP heartbeats of the membership service.
 
 pub mod datagram;
 pub mod links;
 pub mod router;
+pub mod transport;
 pub mod wire;
 
 use std::collections::HashMap;

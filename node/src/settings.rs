@@ -104,6 +104,9 @@ const KEYS: &[&str] = &[
     "replication-factor",
     "advertise",
     "public-url",
+    "cluster-tls-cert",
+    "cluster-tls-key",
+    "cluster-tls-ca",
     "max-connections",
     "client-queue",
     "client-queue-bytes",
@@ -171,6 +174,14 @@ pub struct Settings {
     /// `public-url`: the URL browsers use to reach this node, listed in `/cluster` for client
     /// failover. Default: unset.
     pub public_url: Option<String>,
+    /// `cluster-tls-cert`: this node's certificate chain (PEM) for node-to-node TLS. With
+    /// `cluster-tls-key` and `cluster-tls-ca` (all three or none), every node-to-node TCP session
+    /// is mutual TLS and the heartbeat key is bound to the CA. Default: unset (no TLS).
+    pub cluster_tls_cert: Option<PathBuf>,
+    /// `cluster-tls-key`: the private key (PEM) of `cluster-tls-cert`.
+    pub cluster_tls_key: Option<PathBuf>,
+    /// `cluster-tls-ca`: the CA certificate (PEM) peers' certificates must chain to.
+    pub cluster_tls_ca: Option<PathBuf>,
     /// `max-connections`: client connections served at once; more are refused.
     pub max_connections: usize,
     /// `client-queue`: outbound frames queued per connection before a slow client is cut off
@@ -385,6 +396,15 @@ pub struct Cli {
     /// URL browsers use to reach this node, listed in /cluster for client failover
     #[arg(long, value_name = "URL")]
     pub public_url: Option<String>,
+    /// This node's certificate chain (PEM) for node-to-node mutual TLS
+    #[arg(long, value_name = "FILE")]
+    pub cluster_tls_cert: Option<String>,
+    /// The private key (PEM) of --cluster-tls-cert
+    #[arg(long, value_name = "FILE")]
+    pub cluster_tls_key: Option<String>,
+    /// The CA certificate (PEM) every node's certificate must chain to
+    #[arg(long, value_name = "FILE")]
+    pub cluster_tls_ca: Option<String>,
     /// Client connections served at once [default: 10000]
     #[arg(long, value_name = "COUNT")]
     pub max_connections: Option<usize>,
@@ -535,6 +555,7 @@ impl Settings {
         if let Some(url) = &self.public_url {
             check_public_url(url)?;
         }
+        self.check_cluster_tls()?;
         at_least("max-frame-bytes", wide(self.max_frame_bytes), 1024)?;
         at_least("max-text-bytes", wide(self.max_text_bytes), 1)?;
         if self.max_text_bytes > self.max_frame_bytes {
@@ -607,6 +628,9 @@ impl Settings {
             replication_factor: defaults::REPLICATION_FACTOR,
             advertise: None,
             public_url: None,
+            cluster_tls_cert: None,
+            cluster_tls_key: None,
+            cluster_tls_ca: None,
             max_connections: defaults::MAX_CONNECTIONS,
             client_queue: defaults::CLIENT_QUEUE,
             client_queue_bytes: defaults::CLIENT_QUEUE_BYTES,
@@ -625,6 +649,40 @@ impl Settings {
             log_format: LogFormat::Text,
             shutdown_grace_ms: defaults::SHUTDOWN_GRACE_MS,
         }
+    }
+
+    /// The node-to-node TLS files (certificate chain, key, CA), when all three are set.
+    pub fn cluster_tls(&self) -> Option<(&Path, &Path, &Path)> {
+        Some((
+            self.cluster_tls_cert.as_deref()?,
+            self.cluster_tls_key.as_deref()?,
+            self.cluster_tls_ca.as_deref()?,
+        ))
+    }
+
+    /// The three TLS files come together, and only in cluster mode.
+    fn check_cluster_tls(&self) -> Result<(), SettingsError> {
+        let given = [
+            ("cluster-tls-cert", &self.cluster_tls_cert),
+            ("cluster-tls-key", &self.cluster_tls_key),
+            ("cluster-tls-ca", &self.cluster_tls_ca),
+        ];
+        let Some((first, _)) = given.iter().find(|(_, path)| path.is_some()) else {
+            return Ok(());
+        };
+        if let Some((missing, _)) = given.iter().find(|(_, path)| path.is_none()) {
+            return Err(SettingsError::Required {
+                key: missing,
+                because: first,
+            });
+        }
+        if self.cluster_listen.is_none() {
+            return Err(SettingsError::Required {
+                key: "cluster-listen",
+                because: first,
+            });
+        }
+        Ok(())
     }
 
     /// The `host:port` other nodes use to reach this node's cluster port; `None` in single-node
@@ -661,6 +719,9 @@ impl fmt::Debug for Settings {
             .field("replication_factor", &self.replication_factor)
             .field("advertise", &self.advertise)
             .field("public_url", &self.public_url)
+            .field("cluster_tls_cert", &self.cluster_tls_cert)
+            .field("cluster_tls_key", &self.cluster_tls_key)
+            .field("cluster_tls_ca", &self.cluster_tls_ca)
             .field("max_connections", &self.max_connections)
             .field("client_queue", &self.client_queue)
             .field("client_queue_bytes", &self.client_queue_bytes)
@@ -705,6 +766,9 @@ struct Layered {
     replication_factor: usize,
     advertise: Option<String>,
     public_url: Option<String>,
+    cluster_tls_cert: Option<PathBuf>,
+    cluster_tls_key: Option<PathBuf>,
+    cluster_tls_ca: Option<PathBuf>,
     max_connections: usize,
     client_queue: usize,
     client_queue_bytes: usize,
@@ -756,6 +820,9 @@ impl Layered {
             replication_factor: self.replication_factor,
             advertise: self.advertise,
             public_url: self.public_url,
+            cluster_tls_cert: self.cluster_tls_cert,
+            cluster_tls_key: self.cluster_tls_key,
+            cluster_tls_ca: self.cluster_tls_ca,
             max_connections: self.max_connections,
             client_queue: self.client_queue,
             client_queue_bytes: self.client_queue_bytes,
@@ -835,6 +902,9 @@ fn with_flags(builder: Builder, cli: Cli) -> Result<Builder, ConfigError> {
         .set_override_option("replication-factor", cli.replication_factor.map(wide))?
         .set_override_option("advertise", cli.advertise)?
         .set_override_option("public-url", cli.public_url)?
+        .set_override_option("cluster-tls-cert", cli.cluster_tls_cert)?
+        .set_override_option("cluster-tls-key", cli.cluster_tls_key)?
+        .set_override_option("cluster-tls-ca", cli.cluster_tls_ca)?
         .set_override_option("max-connections", cli.max_connections.map(wide))?
         .set_override_option("client-queue", cli.client_queue.map(wide))?
         .set_override_option("client-queue-bytes", cli.client_queue_bytes.map(wide))?
@@ -1288,6 +1358,9 @@ mod tests {
         ("replication-factor", "3"),
         ("advertise", "n7.internal:7007"),
         ("public-url", "http://localhost:8087"),
+        ("cluster-tls-cert", "/certs/n7.pem"),
+        ("cluster-tls-key", "/certs/n7.key"),
+        ("cluster-tls-ca", "/certs/ca.pem"),
         ("max-connections", "500"),
         ("client-queue", "64"),
         ("client-queue-bytes", "1048576"),
@@ -1322,6 +1395,9 @@ mod tests {
             replication_factor: 3,
             advertise: Some("n7.internal:7007".into()),
             public_url: Some("http://localhost:8087".into()),
+            cluster_tls_cert: Some("/certs/n7.pem".into()),
+            cluster_tls_key: Some("/certs/n7.key".into()),
+            cluster_tls_ca: Some("/certs/ca.pem".into()),
             max_connections: 500,
             client_queue: 64,
             client_queue_bytes: 1048576,
@@ -1594,6 +1670,35 @@ mod tests {
         assert_eq!(err.key(), "cookie");
         let env = [("CHAT_COOKIE", "sesame-sesame-sesame")];
         assert!(load(&["--cluster-listen", "0.0.0.0:7000"], &env).is_ok());
+    }
+
+    #[test]
+    fn the_cluster_tls_files_come_together_and_only_in_cluster_mode() {
+        let cluster = [
+            "--cluster-listen",
+            "127.0.0.1:7000",
+            "--cookie",
+            "sixteen-bytes-xx",
+        ];
+        let tls = [
+            "--cluster-tls-cert",
+            "n.pem",
+            "--cluster-tls-key",
+            "n.key",
+            "--cluster-tls-ca",
+            "ca.pem",
+        ];
+        let err = settings_error(&[&cluster[..], &tls[..4]].concat(), &[]);
+        assert_eq!(err.key(), "cluster-tls-ca");
+        let err = settings_error(&tls, &[]);
+        assert_eq!(err.key(), "cluster-listen");
+        let settings = load_ok(&[&cluster[..], &tls[..]].concat(), &[]);
+        let (cert, key, ca) = settings.cluster_tls().unwrap();
+        assert_eq!(
+            (cert, key, ca),
+            (Path::new("n.pem"), Path::new("n.key"), Path::new("ca.pem"))
+        );
+        assert!(load_ok(&cluster, &[]).cluster_tls().is_none());
     }
 
     #[test]
@@ -1873,6 +1978,9 @@ mod tests {
         "auth-secret-file",
         "advertise",
         "public-url",
+        "cluster-tls-cert",
+        "cluster-tls-key",
+        "cluster-tls-ca",
     ];
 
     /// The `# key = value` line of every setting in default.toml, uncommented.

@@ -6,9 +6,10 @@
 //! of the node-to-node sessions ([`super::links`]) it builds the [`View`] and publishes it on
 //! every change; it tells the links which peers to keep sessions with.
 //!
-//! Every datagram is sealed with an HMAC-SHA256 keyed by the cluster cookie: a process without
-//! the cookie cannot be heard, so it can never become a member by this path (the session path is
-//! guarded by ractor_cluster's cookie challenge). Datagrams that fail the check are counted and
+//! Every datagram is stamped and sealed ([`datagram`]) with a key derived from the cluster
+//! cookie (and CA): a process without them cannot be heard, so it can never become a member by
+//! this path (the session path is guarded by TLS and ractor_cluster's cookie challenge), and a
+//! captured datagram cannot be played again. Datagrams that fail the checks are counted and
 //! dropped.
 //!
 //! A member is **up** in the view when its heartbeats are answered *and* its node-to-node
@@ -28,11 +29,12 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
 use crate::actors::{Tasks, forward};
+use crate::clock::now_ms;
 use crate::cluster::detector::{Detector, DetectorConfig};
 use crate::cluster::view::{Member, Status, View};
 use crate::metrics::Metrics;
 use crate::net::Net;
-use crate::net::datagram;
+use crate::net::datagram::Sealer;
 use crate::net::links::LinksMessage;
 use crate::store::{Store, Write, Writer};
 /// The largest datagram read.
@@ -79,8 +81,8 @@ pub struct MembershipArgs {
     pub me: MemberInfo,
     /// The bound UDP socket of the cluster port.
     pub socket: Arc<UdpSocket>,
-    /// The datagram key (from the cookie).
-    pub key: [u8; 32],
+    /// Seals the datagrams this node sends (and makes the opener of those it receives).
+    pub sealer: Arc<Sealer>,
     /// Seed addresses (`host:port`).
     pub seeds: Vec<String>,
     /// Timing.
@@ -159,7 +161,7 @@ impl Actor for Membership {
         }));
         let socket = args.socket.clone();
         let me = myself.clone();
-        let key = args.key;
+        let mut opener = args.sealer.opener();
         let metrics = args.net.metrics().clone();
         // Seals are checked here, before anything is queued for the actor: a flood of datagrams
         // without the cookie costs one HMAC each and never grows the actor's (unbounded) mailbox.
@@ -168,7 +170,7 @@ impl Actor for Membership {
             let mut last_bad_log: Option<Instant> = None;
             loop {
                 match socket.recv_from(&mut buf).await {
-                    Ok((n, from)) => match datagram::open(&key, &buf[..n]) {
+                    Ok((n, from)) => match opener.open(&buf[..n], now_ms()) {
                         Ok(heartbeat) => {
                             if me
                                 .cast(MembershipMessage::Heartbeat(from, heartbeat))
@@ -309,7 +311,7 @@ impl MembershipState {
     }
 
     fn send_to(&self, to: SocketAddr, heartbeat: &Heartbeat) {
-        match datagram::seal(&self.args.key, heartbeat) {
+        match self.args.sealer.seal(heartbeat, now_ms()) {
             Ok(datagram) => {
                 let _ = self.args.socket.try_send_to(&datagram, to);
             }
@@ -320,12 +322,12 @@ impl MembershipState {
     /// Resolves the addresses (host names are looked up again each time) and sends, off the
     /// actor: a slow resolver must not delay heartbeats being answered.
     fn send_all(&self, myself: &ActorRef<MembershipMessage>, sends: Vec<(String, Heartbeat)>) {
-        let key = self.args.key;
+        let sealer = self.args.sealer.clone();
         let socket = self.args.socket.clone();
         let seeds: HashSet<String> = self.args.seeds.iter().cloned().collect();
         let mut batch = Vec::with_capacity(sends.len());
         for (addr, heartbeat) in sends {
-            match datagram::seal(&key, &heartbeat) {
+            match sealer.seal(&heartbeat, now_ms()) {
                 Ok(datagram) => batch.push((addr, datagram)),
                 Err(e) => tracing::error!(error = %e, "heartbeat not encodable"),
             }

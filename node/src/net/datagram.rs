@@ -1,7 +1,25 @@
-//! The datagrams of the membership service: heartbeats encoded with the protocol's codec and
-//! sealed with an HMAC-SHA256 keyed by the cluster cookie, so that a process without the cookie
-//! is never heard.
+//! The datagrams of the membership service: heartbeats encoded with the protocol's codec,
+//! stamped and sealed with an HMAC-SHA256, so that a process without the key is never heard and
+//! a captured datagram cannot be played again.
+//!
+//! ```text
+//!   counter u64 BE │ sent_ms u64 BE │ codec(Heartbeat) │ HMAC-SHA256(key, everything before)
+//! ```
+//!
+//! - The key is derived from the cookie (and from the cluster CA's certificate when node links
+//!   use TLS): it never crosses the network.
+//! - The counter grows with every datagram a node sends in one life (incarnation). A receiver
+//!   keeps, per sender, the highest counter it saw and which of the [`WINDOW`] below it arrived
+//!   (the anti-replay window of IPsec): a datagram seen before, older than the window, or from
+//!   an earlier incarnation than one already heard is refused. Datagrams may still arrive out of
+//!   order within the window.
+//! - The send time bounds what a receiver with no memory of the sender (it just restarted)
+//!   accepts: a datagram sent more than [`MAX_AGE_MS`] ago, by the receiver's clock, is refused.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use chat_protocol::NodeName;
 use chat_protocol::codec::{self, CodecError};
 use chat_protocol::peer::Heartbeat;
 use hmac::{Hmac, KeyInit, Mac};
@@ -9,38 +27,170 @@ use sha2::{Digest, Sha256};
 
 /// Length of the HMAC tag at the end of every datagram.
 const TAG_LEN: usize = 32;
+/// Length of the stamp (counter and send time) at the start of every datagram.
+const STAMP_LEN: usize = 16;
+/// How many counters below the highest one a receiver still accepts (reordering).
+pub const WINDOW: u64 = 64;
+/// How old (or how far in the future) a datagram may be, by the receiver's clock: covers the
+/// clock skew between nodes.
+pub const MAX_AGE_MS: u64 = 60_000;
 
 /// Why a datagram was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum DatagramError {
-    /// The tag does not match: another cookie, or tampering.
-    #[error("bad seal (wrong cookie?)")]
+    /// The tag does not match: another cookie or CA, or tampering.
+    #[error("bad seal (wrong cookie or cluster CA?)")]
     Seal,
     /// The payload is not a heartbeat.
     #[error(transparent)]
     Codec(#[from] CodecError),
+    /// The datagram was received before, or is older than what the sender sent since.
+    #[error("replayed")]
+    Replayed,
+    /// The send time is too far from this node's clock.
+    #[error("sent {skew_ms} ms away from this node's clock")]
+    Stale {
+        /// How far off the send time is.
+        skew_ms: u64,
+    },
 }
 
-/// The datagram key derived from the cookie.
-pub fn key(cookie: &str) -> [u8; 32] {
+/// The datagram key, derived from the cookie and, when node links use TLS, the cluster CA's
+/// certificate (DER): a node that trusts another CA never hears this cluster, nor is heard.
+pub fn key(cookie: &str, ca: Option<&[u8]>) -> [u8; 32] {
     let mut hasher = Sha256::new();
-    hasher.update(b"chat-cluster heartbeat key v1\0");
+    hasher.update(b"chat-cluster heartbeat key v2\0");
+    hasher.update((cookie.len() as u64).to_be_bytes());
     hasher.update(cookie.as_bytes());
+    if let Some(ca) = ca {
+        hasher.update(ca);
+    }
     hasher.finalize().into()
 }
 
-/// Encodes and seals a heartbeat.
-pub fn seal(key: &[u8; 32], heartbeat: &Heartbeat) -> Result<Vec<u8>, CodecError> {
-    let mut payload = codec::encode(heartbeat)?;
-    let tag = tag(key, &payload);
-    payload.extend_from_slice(&tag);
-    Ok(payload)
+/// Seals the datagrams one node sends: one counter for the node's life.
+#[derive(Debug)]
+pub struct Sealer {
+    key: [u8; 32],
+    counter: AtomicU64,
 }
 
-/// The heartbeat in a sealed datagram, if its tag is valid and it decodes.
-pub fn open(key: &[u8; 32], datagram: &[u8]) -> Result<Heartbeat, DatagramError> {
-    let payload = verify(key, datagram).ok_or(DatagramError::Seal)?;
-    Ok(codec::decode(payload)?)
+impl Sealer {
+    /// A sealer whose counter starts at 1.
+    pub fn new(key: [u8; 32]) -> Sealer {
+        Sealer {
+            key,
+            counter: AtomicU64::new(1),
+        }
+    }
+
+    /// Stamps, encodes and seals a heartbeat sent at `now_ms`.
+    pub fn seal(&self, heartbeat: &Heartbeat, now_ms: u64) -> Result<Vec<u8>, CodecError> {
+        let counter = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mut payload = Vec::with_capacity(STAMP_LEN + 256 + TAG_LEN);
+        payload.extend_from_slice(&counter.to_be_bytes());
+        payload.extend_from_slice(&now_ms.to_be_bytes());
+        payload.extend_from_slice(&codec::encode(heartbeat)?);
+        let tag = tag(&self.key, &payload);
+        payload.extend_from_slice(&tag);
+        Ok(payload)
+    }
+
+    /// An opener for the datagrams sealed with the same key.
+    pub fn opener(&self) -> Opener {
+        Opener {
+            key: self.key,
+            senders: HashMap::new(),
+        }
+    }
+}
+
+/// What a receiver remembers of one sender.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    incarnation: u64,
+    highest: u64,
+    /// Bit `i` set: counter `highest - i` was received.
+    bits: u64,
+}
+
+impl Seen {
+    /// Records `counter` of `incarnation`, or says why it is refused.
+    fn accept(&mut self, incarnation: u64, counter: u64) -> bool {
+        if incarnation != self.incarnation {
+            if incarnation < self.incarnation {
+                return false;
+            }
+            *self = Seen {
+                incarnation,
+                highest: counter,
+                bits: 1,
+            };
+            return true;
+        }
+        if counter > self.highest {
+            let shift = counter - self.highest;
+            self.bits = if shift >= WINDOW {
+                0
+            } else {
+                self.bits << shift
+            } | 1;
+            self.highest = counter;
+            return true;
+        }
+        let age = self.highest - counter;
+        if age >= WINDOW || self.bits & (1 << age) != 0 {
+            return false;
+        }
+        self.bits |= 1 << age;
+        true
+    }
+}
+
+/// Opens datagrams and refuses replays: one per receiving socket.
+#[derive(Debug)]
+pub struct Opener {
+    key: [u8; 32],
+    senders: HashMap<NodeName, Seen>,
+}
+
+impl Opener {
+    /// The heartbeat in a sealed datagram received at `now_ms`, if its tag is valid, it decodes,
+    /// it is recent and it was not received before.
+    pub fn open(&mut self, datagram: &[u8], now_ms: u64) -> Result<Heartbeat, DatagramError> {
+        let payload = verify(&self.key, datagram).ok_or(DatagramError::Seal)?;
+        let (stamp, body) = payload
+            .split_at_checked(STAMP_LEN)
+            .ok_or(DatagramError::Seal)?;
+        let (counter, sent_ms) = stamp.split_at(8);
+        let counter = u64::from_be_bytes(counter.try_into().unwrap_or_default());
+        let sent_ms = u64::from_be_bytes(sent_ms.try_into().unwrap_or_default());
+        let skew_ms = now_ms.abs_diff(sent_ms);
+        if skew_ms > MAX_AGE_MS {
+            return Err(DatagramError::Stale { skew_ms });
+        }
+        let heartbeat: Heartbeat = codec::decode(body)?;
+        let from = &heartbeat.from;
+        let fresh = match self.senders.get_mut(&from.name) {
+            Some(seen) => seen.accept(from.incarnation, counter),
+            None => {
+                self.senders.insert(
+                    from.name.clone(),
+                    Seen {
+                        incarnation: from.incarnation,
+                        highest: counter,
+                        bits: 1,
+                    },
+                );
+                true
+            }
+        };
+        if fresh {
+            Ok(heartbeat)
+        } else {
+            Err(DatagramError::Replayed)
+        }
+    }
 }
 
 fn verify<'a>(key: &[u8; 32], datagram: &'a [u8]) -> Option<&'a [u8]> {
@@ -66,14 +216,15 @@ fn tag(key: &[u8; 32], payload: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chat_protocol::NodeName;
     use chat_protocol::peer::{HeartbeatKind, MemberInfo};
 
-    fn heartbeat() -> Heartbeat {
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn heartbeat(incarnation: u64) -> Heartbeat {
         Heartbeat {
             from: MemberInfo {
                 name: NodeName::new("a").unwrap(),
-                incarnation: 1,
+                incarnation,
                 addr: "a:7000".into(),
                 public_url: None,
             },
@@ -84,17 +235,79 @@ mod tests {
     }
 
     #[test]
-    fn sealed_datagrams_open_only_with_the_same_cookie() {
-        let k = key("secret");
-        let datagram = seal(&k, &heartbeat()).unwrap();
-        assert_eq!(open(&k, &datagram).unwrap(), heartbeat());
-        assert!(matches!(
-            open(&key("other"), &datagram),
-            Err(DatagramError::Seal)
-        ));
+    fn sealed_datagrams_open_only_with_the_same_key() {
+        let sealer = Sealer::new(key("secret", None));
+        let datagram = sealer.seal(&heartbeat(1), NOW).unwrap();
+        assert_eq!(sealer.opener().open(&datagram, NOW).unwrap(), heartbeat(1));
+        for other in [key("other", None), key("secret", Some(b"another CA"))] {
+            let result = Sealer::new(other).opener().open(&datagram, NOW);
+            assert!(matches!(result, Err(DatagramError::Seal)));
+        }
         let mut tampered = datagram.clone();
         tampered[0] ^= 1;
-        assert!(matches!(open(&k, &tampered), Err(DatagramError::Seal)));
-        assert!(matches!(open(&k, b"short"), Err(DatagramError::Seal)));
+        let mut opener = sealer.opener();
+        assert!(matches!(
+            opener.open(&tampered, NOW),
+            Err(DatagramError::Seal)
+        ));
+        assert!(matches!(
+            opener.open(b"short", NOW),
+            Err(DatagramError::Seal)
+        ));
+    }
+
+    #[test]
+    fn a_datagram_opens_once() {
+        let sealer = Sealer::new(key("secret", None));
+        let mut opener = sealer.opener();
+        let first = sealer.seal(&heartbeat(1), NOW).unwrap();
+        assert!(opener.open(&first, NOW).is_ok());
+        assert!(matches!(
+            opener.open(&first, NOW),
+            Err(DatagramError::Replayed)
+        ));
+    }
+
+    #[test]
+    fn datagrams_may_arrive_out_of_order_within_the_window() {
+        let sealer = Sealer::new(key("secret", None));
+        let sent: Vec<Vec<u8>> = (0..WINDOW + 10)
+            .map(|_| sealer.seal(&heartbeat(1), NOW).unwrap())
+            .collect();
+        let mut opener = sealer.opener();
+        // The newest first, then the rest backwards: the ones inside the window open, once.
+        for (i, datagram) in sent.iter().enumerate().rev() {
+            let age = sent.len() - 1 - i;
+            let opened = opener.open(datagram, NOW);
+            assert_eq!(opened.is_ok(), (age as u64) < WINDOW, "age {age}");
+            assert!(opener.open(datagram, NOW).is_err());
+        }
+    }
+
+    #[test]
+    fn an_earlier_life_is_refused_once_a_later_one_was_heard() {
+        let old = Sealer::new(key("secret", None));
+        let new = Sealer::new(key("secret", None));
+        let captured = old.seal(&heartbeat(1), NOW).unwrap();
+        let mut opener = new.opener();
+        assert!(
+            opener
+                .open(&new.seal(&heartbeat(2), NOW).unwrap(), NOW)
+                .is_ok()
+        );
+        assert!(matches!(
+            opener.open(&captured, NOW),
+            Err(DatagramError::Replayed)
+        ));
+    }
+
+    #[test]
+    fn old_datagrams_are_refused_by_a_receiver_without_memory() {
+        let sealer = Sealer::new(key("secret", None));
+        let captured = sealer.seal(&heartbeat(1), NOW).unwrap();
+        let later = NOW + MAX_AGE_MS + 1;
+        let result = sealer.opener().open(&captured, later);
+        assert!(matches!(result, Err(DatagramError::Stale { .. })));
+        assert!(sealer.opener().open(&captured, NOW + MAX_AGE_MS).is_ok());
     }
 }

@@ -17,6 +17,7 @@
 //! every member and their addresses, including members that were down when a session opened.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chat_protocol::NodeName;
@@ -24,11 +25,13 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::node::NodeServerSessionInformation;
 use ractor_cluster::{NodeEventSubscription, NodeServerMessage, NodeSessionMessage, RactorMessage};
 
+use tokio::net::TcpListener;
+
+use crate::actors::Tasks;
 use crate::net::Net;
+use crate::net::transport::Transport;
 use crate::net::wire::{self, Link, RouterMessage};
 
-/// How long a dial may take before it counts as failed (a black-holed peer never answers).
-const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time between two dials of the same peer.
 const REDIAL_AFTER: Duration = Duration::from_millis(500);
 /// How long the node with the larger name waits for the other to dial before dialing itself.
@@ -47,6 +50,10 @@ pub struct LinksArgs {
     pub net: Net,
     /// The ractor_cluster node server.
     pub server: ActorRef<NodeServerMessage>,
+    /// The gates every stream passes before the node server sees it.
+    pub transport: Transport,
+    /// The cluster port's TCP side.
+    pub listener: Arc<TcpListener>,
 }
 
 /// Messages of the links actor.
@@ -75,6 +82,8 @@ pub struct LinksState {
     args: LinksArgs,
     desired: HashMap<NodeName, Peer>,
     sessions: HashMap<NodeName, ActorRef<NodeSessionMessage>>,
+    /// The accept loop of the cluster port (aborted with the state).
+    _accepting: Tasks,
 }
 
 /// Forwards node server events to the links actor (callbacks must not block).
@@ -120,11 +129,19 @@ impl Actor for Links {
             id: "links".into(),
             subscription: Box::new(Events(myself.clone())),
         })?;
+        args.transport.subscribe(&args.server)?;
+        let accept = args
+            .transport
+            .clone()
+            .accept(args.listener.clone(), args.server.clone());
+        let mut accepting = Tasks::default();
+        accepting.add(tokio::spawn(accept).abort_handle());
         myself.send_interval(TICK, || LinksMessage::Tick);
         Ok(LinksState {
             args,
             desired: HashMap::new(),
             sessions: HashMap::new(),
+            _accepting: accepting,
         })
     }
 
@@ -227,19 +244,14 @@ impl LinksState {
             }
             peer.last_dial = Some(now);
             let server = self.args.server.clone();
+            let transport = self.args.transport.clone();
             let addr = peer.addr.clone();
             let name = name.clone();
             let _ = myself;
             tokio::spawn(async move {
-                match tokio::time::timeout(
-                    DIAL_TIMEOUT,
-                    ractor_cluster::client_connect(&server, addr.as_str()),
-                )
-                .await
-                {
-                    Ok(Ok(())) => tracing::debug!(peer = %name, %addr, "dialed"),
-                    Ok(Err(e)) => tracing::debug!(peer = %name, %addr, error = %e, "dial failed"),
-                    Err(_) => tracing::debug!(peer = %name, %addr, "dial timed out"),
+                match transport.dial(&addr, &server).await {
+                    Ok(()) => tracing::debug!(peer = %name, %addr, "dialed"),
+                    Err(e) => tracing::debug!(peer = %name, %addr, error = %e, "dial failed"),
                 }
             });
         }
