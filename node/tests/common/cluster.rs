@@ -36,6 +36,8 @@ pub struct Cluster {
     /// Node-to-node addresses.
     pub cluster_addrs: Vec<SocketAddr>,
     reservations: Vec<Option<TcpListener>>,
+    /// Extra flags per planned node (e.g. its TLS files).
+    args: Vec<Vec<String>>,
     base: u8,
     temp: tempfile::TempDir,
 }
@@ -50,6 +52,7 @@ impl Cluster {
             ips: Vec::new(),
             cluster_addrs: Vec::new(),
             reservations: Vec::new(),
+            args: vec![Vec::new(); size],
             base,
             temp: tempfile::tempdir().expect("temp dir"),
         };
@@ -91,6 +94,11 @@ impl Cluster {
             .join(",")
     }
 
+    /// Gives planned node `i` (1-based) extra flags, from its next launch on.
+    pub fn set_args(&mut self, i: usize, args: Vec<String>) {
+        self.args[i - 1] = args;
+    }
+
     /// Spawns planned node `i` (1-based) without waiting for it.
     pub fn launch(&mut self, i: usize) {
         assert!(self.nodes[i - 1].is_none(), "node {i} already launched");
@@ -101,6 +109,7 @@ impl Cluster {
             &self.ips[i - 1],
             self.cluster_addrs[i - 1],
             COOKIE,
+            &self.args[i - 1],
         );
         self.nodes[i - 1] = Some(node);
     }
@@ -108,11 +117,22 @@ impl Cluster {
     /// Spawns a node that is not one of the planned members: named `name`, on address
     /// `ip(i)`, with the cluster's seeds but the given cookie. The caller owns it.
     pub fn spawn_outsider(&self, name: &str, i: usize, cookie: &str) -> NodeProcess {
+        self.spawn_outsider_with(name, i, cookie, &[])
+    }
+
+    /// [`Cluster::spawn_outsider`] with extra flags.
+    pub fn spawn_outsider_with(
+        &self,
+        name: &str,
+        i: usize,
+        cookie: &str,
+        args: &[String],
+    ) -> NodeProcess {
         let ip = self.ip(i);
         let cluster_addr = TcpListener::bind((ip.as_str(), 0))
             .and_then(|l| l.local_addr())
             .expect("a free cluster port");
-        self.spawn_node(name, &ip, cluster_addr, cookie)
+        self.spawn_node(name, &ip, cluster_addr, cookie, args)
     }
 
     /// Spawns a node with the cluster's seeds. Only this harness binds ports on a test's
@@ -124,24 +144,22 @@ impl Cluster {
         ip: &str,
         cluster_addr: SocketAddr,
         cookie: &str,
+        extra: &[String],
     ) -> NodeProcess {
         let cluster_listen = cluster_addr.to_string();
         let seeds = self.seeds();
         let data_dir = self.temp.path().join(name);
+        let mut args = vec![
+            "--cluster-listen",
+            &cluster_listen,
+            "--seeds",
+            &seeds,
+            "--cookie",
+            cookie,
+        ];
+        args.extend(extra.iter().map(String::as_str));
         loop {
-            let node = NodeProcess::spawn_in(
-                name,
-                ip,
-                &data_dir,
-                &[
-                    "--cluster-listen",
-                    &cluster_listen,
-                    "--seeds",
-                    &seeds,
-                    "--cookie",
-                    cookie,
-                ],
-            );
+            let node = NodeProcess::spawn_in(name, ip, &data_dir, &args);
             if node.http.port() != cluster_addr.port() {
                 return node;
             }
