@@ -426,3 +426,147 @@ async fn a_udp_flood_on_the_cluster_port_never_costs_a_node_its_health_or_a_memb
     .unwrap_or(0.0);
     assert!(refused > 0.0, "the flood was not even seen");
 }
+
+/// How a stranger on the cluster port behaves.
+#[derive(Debug, Clone, Copy)]
+enum Stranger {
+    /// Connects and says nothing.
+    Silent,
+    /// Sends random-looking bytes.
+    Garbage,
+    /// Announces a 16 MiB frame and sends its body, slowly.
+    HugeFrame,
+}
+
+/// One stranger from `source`: behaves as `kind`, then waits for the node to close the
+/// connection; how long the node took to close it, if it did within 30 s.
+async fn stranger(
+    target: std::net::SocketAddr,
+    source: String,
+    kind: Stranger,
+) -> Option<Duration> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{source}:0").parse().expect("source"))
+        .expect("bind the source address");
+    let started = Instant::now();
+    let mut stream = socket.connect(target).await.ok()?;
+    let (mut read, mut write) = stream.split();
+    let closed = async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match read.read(&mut buf).await {
+                Ok(0) | Err(_) => return started.elapsed(),
+                Ok(_) => {}
+            }
+        }
+    };
+    let talk = async {
+        match kind {
+            Stranger::Silent => std::future::pending::<()>().await,
+            Stranger::Garbage => {
+                let junk: Vec<u8> = (0..4096u32)
+                    .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                    .collect();
+                loop {
+                    if write.write_all(&junk).await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            Stranger::HugeFrame => {
+                let _ = write.write_all(&(16u64 << 20).to_be_bytes()).await;
+                let chunk = vec![0x42u8; 16 * 1024];
+                loop {
+                    if write.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        elapsed = closed => Some(elapsed),
+        () = talk => None,
+        () = tokio::time::sleep(Duration::from_secs(30)) => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn strangers_on_the_cluster_port_are_closed_within_seconds_and_cost_no_member() {
+    const STRANGERS: usize = 300;
+    let cluster = common::cluster::Cluster::start(210, 3).await;
+    let target = cluster.cluster_addrs[0];
+    let before = rss_bytes(cluster.node(1).pid());
+    // From 60 source addresses (5 each, under the per-address cap): silent ones, garbage, and
+    // frames announced huge; more than the node admits as strangers at once.
+    let kinds = [Stranger::Silent, Stranger::Garbage, Stranger::HugeFrame];
+    let tasks: Vec<_> = (0..STRANGERS)
+        .map(|i| {
+            let source = format!("127.0.1.{}", 1 + i % 60);
+            tokio::spawn(stranger(target, source, kinds[i % 3]))
+        })
+        .collect();
+    let started = Instant::now();
+    let mut peak = before;
+    let mut worst = 200;
+    let three = cluster.all_names();
+    while started.elapsed() < Duration::from_secs(8) {
+        for i in 1..=3 {
+            let status = common::cluster::health_status(cluster.http(i))
+                .await
+                .unwrap_or(0);
+            worst = if status == 200 { worst } else { status };
+            let up = common::cluster::up_members(cluster.http(i)).await;
+            assert_eq!(up.as_ref(), Some(&three), "n{i} during the strangers");
+        }
+        peak = peak.max(rss_bytes(cluster.node(1).pid()));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut closed = Vec::new();
+    for (i, task) in tasks.into_iter().enumerate() {
+        let elapsed = task.await.expect("stranger task");
+        let elapsed =
+            elapsed.unwrap_or_else(|| panic!("stranger {i} ({:?}) never closed", kinds[i % 3]));
+        closed.push(elapsed);
+    }
+    closed.sort();
+    let grown = peak.saturating_sub(before);
+    println!(
+        "{STRANGERS} strangers: closed after {:?} (median) / {:?} (last); worst /healthz {worst}; memory grew {:.1} MiB",
+        closed[STRANGERS / 2],
+        closed[STRANGERS - 1],
+        grown as f64 / f64::from(1 << 20)
+    );
+    assert!(
+        closed[STRANGERS - 1] < Duration::from_secs(20),
+        "a stranger stayed {:?}",
+        closed[STRANGERS - 1]
+    );
+    assert_eq!(worst, 200, "a node left 200 during the strangers");
+    assert!(
+        grown < 32 << 20,
+        "the strangers cost the target {grown} bytes"
+    );
+    let text = metrics_text(cluster.http(1)).await;
+    let refused = metric(
+        &text,
+        r#"chat_cluster_streams_refused_total{kind="too_many_strangers"}"#,
+    );
+    assert!(
+        refused.unwrap_or(0.0) > 0.0,
+        "the cap on strangers never applied"
+    );
+    // The cluster still works: a message crosses from n2 to n3.
+    let mut a = Client::connect(cluster.http(2), "after-a").await;
+    let mut b = Client::connect(cluster.http(3), "after-b").await;
+    a.join("after-strangers", None).await;
+    b.join("after-strangers", None).await;
+    a.say("after-strangers", "still here").await;
+    b.recv_until(|f| f["type"] == "message" && f["text"] == "still here")
+        .await;
+}
