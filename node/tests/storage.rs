@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::cluster::{Cluster, placement, up_members};
 use common::{Client, NodeProcess, http_request, metric, metrics_text, skip};
 use serde_json::{Value, json};
 
@@ -23,18 +24,25 @@ const PROMPT: Duration = Duration::from_secs(2);
 /// A tmpfs mounted for the test, unmounted when dropped.
 struct Tmpfs {
     dir: PathBuf,
-    _parent: tempfile::TempDir,
+    /// The temp dir holding `dir`, when the tmpfs made it.
+    _parent: Option<tempfile::TempDir>,
 }
 
 impl Tmpfs {
     /// Mounts a tmpfs of `size` (e.g. `4m`); `Err` says why it cannot be done here.
     fn mount(size: &str) -> Result<Tmpfs, String> {
+        let parent = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let mut tmpfs = Tmpfs::mount_at(parent.path().join("mnt"), size)?;
+        tmpfs._parent = Some(parent);
+        Ok(tmpfs)
+    }
+
+    /// Mounts a tmpfs of `size` at `dir` (made if missing).
+    fn mount_at(dir: PathBuf, size: &str) -> Result<Tmpfs, String> {
         if !is_root() {
             return Err("needs root to mount a tmpfs".into());
         }
-        let parent = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let dir = parent.path().join("mnt");
-        std::fs::create_dir(&dir).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let output = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(&dir)
@@ -46,10 +54,7 @@ impl Tmpfs {
                 String::from_utf8_lossy(&output.stderr).trim()
             ));
         }
-        Ok(Tmpfs {
-            dir,
-            _parent: parent,
-        })
+        Ok(Tmpfs { dir, _parent: None })
     }
 }
 
@@ -340,4 +345,99 @@ async fn a_node_killed_and_restarted_on_a_full_disk_starts_and_keeps_what_it_ack
         assert!(stored.contains(message), "acked {message:?} missing");
     }
     assert!(node.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_whose_disk_fills_hands_its_rooms_over_and_rejoins_once_space_is_freed() {
+    let mut cluster = Cluster::plan(225, 3);
+    // n1's data directory is a small tmpfs.
+    let tmpfs = match Tmpfs::mount_at(cluster.data_dir("n1"), "8m") {
+        Ok(tmpfs) => tmpfs,
+        Err(why) => return skip(&why),
+    };
+    for i in 1..=3 {
+        cluster.launch(i);
+    }
+    cluster.wait_formed().await;
+    let n1_pid = cluster.node(1).pid();
+    let room = cluster.room_owned_by(2, "n1", "disk").await;
+    let mut alice = Client::connect(cluster.http(2), "alice").await;
+    alice.join(&room, None).await;
+    let mut acked: Vec<(u64, String)> = Vec::new();
+    for i in 1..=5 {
+        let text = format!("before {i}");
+        acked.push((alice.say(&room, &text).await, text));
+    }
+
+    let filler = tmpfs.dir.join("filler");
+    fill(&filler);
+    let filled_at = Instant::now();
+    // Sends go on (retried on `unavailable`) until one is acknowledged by another owner.
+    let pad = "x".repeat(3000);
+    let deadline = filled_at + Duration::from_secs(30);
+    let mut refused = false;
+    let mut moved_after = None;
+    for i in 1.. {
+        let text = format!("during {i} {pad}");
+        let reply = alice
+            .request(json!({"type": "send", "room": room, "text": text, "id": format!("d{i}")}))
+            .await;
+        if reply["type"] == "ack" {
+            acked.push((reply["seq"].as_u64().expect("seq"), text));
+            let (owner, _) = placement(cluster.http(2), &room).await;
+            if refused && owner != "n1" {
+                moved_after = Some(filled_at.elapsed());
+                break;
+            }
+            continue;
+        }
+        assert_eq!(reply["code"], "unavailable", "{reply}");
+        refused = true;
+        assert!(Instant::now() < deadline, "the room never moved off n1");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Retry the same message (its id makes a retry count once).
+        let seq = alice
+            .send_until_acked(&room, &text, &format!("d{i}"), deadline)
+            .await;
+        acked.push((seq, text));
+        let (owner, _) = placement(cluster.http(2), &room).await;
+        if owner != "n1" {
+            moved_after = Some(filled_at.elapsed());
+            break;
+        }
+    }
+    let moved_after = moved_after.expect("moved");
+    let up = up_members(cluster.http(2)).await.expect("view");
+    assert!(!up.contains("n1"), "n1 still up for n2: {up:?}");
+    let (status, body) = health(cluster.node(1)).await;
+    assert_eq!(status, 503, "{body}");
+
+    // Space comes back: n1 rejoins by itself, same process.
+    std::fs::remove_file(&filler).expect("remove the filler");
+    let freed_at = Instant::now();
+    let all = cluster.all_names();
+    let deadline = freed_at + Duration::from_secs(20);
+    while up_members(cluster.http(2)).await.as_ref() != Some(&all)
+        || health(cluster.node(1)).await.0 != 200
+    {
+        assert!(Instant::now() < deadline, "n1 did not rejoin");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rejoined_after = freed_at.elapsed();
+    assert_eq!(cluster.node(1).pid(), n1_pid, "n1 restarted");
+    let seq = alice.say(&room, "after").await;
+    acked.push((seq, "after".into()));
+
+    let stored = history(&mut alice, &room).await;
+    for message in &acked {
+        assert!(
+            stored.iter().any(|m| m == message),
+            "acked {} missing",
+            message.0
+        );
+    }
+    println!(
+        "n1's disk filled: its room acked by another owner {moved_after:?} after the fill; \
+         n1 back up {rejoined_after:?} after space was freed"
+    );
 }

@@ -132,6 +132,8 @@ pub struct MembershipState {
     /// The datagram receiver and the forwarder of link changes.
     _tasks: Tasks,
     leaving: bool,
+    /// Silent because the store cannot write (see [`MembershipState::withdrawn`]).
+    withdrawn: bool,
 }
 
 impl Actor for Membership {
@@ -202,6 +204,7 @@ impl Actor for Membership {
             seed_addrs: HashMap::new(),
             _tasks: tasks,
             leaving: false,
+            withdrawn: false,
             args,
         })
     }
@@ -243,6 +246,9 @@ impl Actor for Membership {
 
 impl MembershipState {
     fn heartbeat(&mut self, from: SocketAddr, heartbeat: Heartbeat) {
+        if self.withdrawn() {
+            return;
+        }
         let observed = self.detector.observe(heartbeat, Instant::now());
         if observed.own {
             self.own_addrs.insert(from);
@@ -282,6 +288,25 @@ impl MembershipState {
         }
     }
 
+    /// Whether this node keeps out of the cluster because its store cannot write (disk full,
+    /// I/O errors): it neither pings nor answers, so its peers declare it down within the
+    /// failure timeout and take over its rooms (from their replicas), exactly as for a node cut
+    /// off; once the store writes again, it answers again and rejoins as a thawed node does.
+    fn withdrawn(&mut self) -> bool {
+        let withdrawn = !self.args.store.writable();
+        if withdrawn != self.withdrawn {
+            self.withdrawn = withdrawn;
+            if withdrawn {
+                tracing::warn!(
+                    "store cannot write: silent towards the cluster, so that peers take this node's rooms"
+                );
+            } else {
+                tracing::info!("store writes again: rejoining the cluster");
+            }
+        }
+        withdrawn
+    }
+
     fn tick(&mut self, myself: &ActorRef<MembershipMessage>) {
         if self.leaving {
             return;
@@ -299,6 +324,9 @@ impl MembershipState {
                 let ping = self.detector.seed_ping();
                 sends.push((seed, ping));
             }
+        }
+        if self.withdrawn() {
+            sends.clear();
         }
         self.send_all(myself, sends);
         if self.detector.tick(now) {

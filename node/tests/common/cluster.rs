@@ -94,6 +94,11 @@ impl Cluster {
             .join(",")
     }
 
+    /// The data directory of the node named `name`.
+    pub fn data_dir(&self, name: &str) -> std::path::PathBuf {
+        self.temp.path().join(name)
+    }
+
     /// Gives planned node `i` (1-based) extra flags, from its next launch on.
     pub fn set_args(&mut self, i: usize, args: Vec<String>) {
         self.args[i - 1] = args;
@@ -148,7 +153,7 @@ impl Cluster {
     ) -> NodeProcess {
         let cluster_listen = cluster_addr.to_string();
         let seeds = self.seeds();
-        let data_dir = self.temp.path().join(name);
+        let data_dir = self.data_dir(name);
         let mut args = vec![
             "--cluster-listen",
             &cluster_listen,
