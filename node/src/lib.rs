@@ -85,20 +85,71 @@ impl std::fmt::Debug for NodeHandle {
     }
 }
 
+/// Opens the store. A brand-new data directory on a full disk cannot hold even an empty store:
+/// the node then answers every HTTP request on `listener` with 503 (`"reason":"store"`) and
+/// tries again every [`store::PROBE_INTERVAL`], rather than exiting; any other failure to open
+/// the store stops the start with an error naming the data directory.
+async fn open_store(settings: &Settings, listener: &TcpListener) -> anyhow::Result<Store> {
+    let dir = &settings.data_dir;
+    let mut waiting = false;
+    loop {
+        let error = match Store::open(dir) {
+            Ok(store) => {
+                if waiting {
+                    tracing::info!(dir = %dir.display(), "store created: starting");
+                }
+                return Ok(store);
+            }
+            Err(error) => error,
+        };
+        if !disk_full(dir) {
+            return Err(error).with_context(|| format!("opening the store in {}", dir.display()));
+        }
+        if !waiting {
+            waiting = true;
+            tracing::error!(dir = %dir.display(), %error, "no space for the store: answering 503 until it can be created");
+        }
+        let retry = tokio::time::sleep(store::PROBE_INTERVAL);
+        tokio::pin!(retry);
+        loop {
+            tokio::select! {
+                () = &mut retry => break,
+                accepted = listener.accept() => {
+                    if let Ok((stream, _)) = accepted {
+                        let node = settings.name.clone();
+                        tokio::spawn(gateway::http::store_unavailable(stream, node));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether the file system of `dir` is full: a 1 MiB write there fails for lack of space.
+fn disk_full(dir: &std::path::Path) -> bool {
+    let probe = dir.join(".space-probe");
+    let written = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&probe, [0; 1 << 20]));
+    let _ = std::fs::remove_file(&probe);
+    written.is_err_and(|e| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        )
+    })
+}
+
 /// Starts a node: opens the store, starts the actors, joins the cluster (in cluster mode) and
 /// serves HTTP on `settings.listen`.
 pub async fn start_node(settings: Settings) -> anyhow::Result<NodeHandle> {
     settings.validate()?;
     let metrics = Metrics::new();
-    let store = Store::open(&settings.data_dir)
-        .with_context(|| format!("opening the store in {}", settings.data_dir.display()))?;
-    let (writer, writer_thread) =
-        Writer::start(store.clone(), metrics.clone()).context("starting the store writer")?;
-
     let listener = TcpListener::bind(&settings.listen)
         .await
         .with_context(|| format!("binding `listen` {}", settings.listen))?;
     let http_addr = listener.local_addr()?;
+    let store = open_store(&settings, &listener).await?;
+    let (writer, writer_thread) =
+        Writer::start(store.clone(), metrics.clone()).context("starting the store writer")?;
 
     let me = settings.name.clone();
     let mut view = View::single(

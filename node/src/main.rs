@@ -13,7 +13,7 @@ fn main() -> ExitCode {
     let mut settings = match Settings::load() {
         Ok(settings) => settings,
         Err(e) => {
-            eprintln!("chat-node: {e:#}");
+            report(&format!("{e:#}"));
             return ExitCode::from(2);
         }
     };
@@ -25,7 +25,7 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("chat-node: cannot start the runtime: {e}");
+            report(&format!("cannot start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -33,7 +33,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "node failed");
-            eprintln!("chat-node: {e:#}");
+            report(&format!("{e:#}"));
             ExitCode::FAILURE
         }
     }
@@ -50,6 +50,12 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     node.shutdown().await;
     Ok(())
+}
+
+/// Prints why the node stops; a stderr that cannot be written (a full disk) is not a panic.
+fn report(why: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "chat-node: {why}");
 }
 
 /// Lowers `max-connections` when the process may not open that many files, so that the node

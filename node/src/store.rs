@@ -172,6 +172,16 @@ impl Store {
             .map_err(|e| StoreError::Db(format!("create {}: {e}", dir.display())))?;
         let path = dir.join("chat.redb");
         let fresh = !path.exists();
+        let opened = Store::open_file(path.clone(), fresh);
+        if opened.is_err() && fresh {
+            // A creation cut short (a full disk) leaves a file redb cannot read: the next
+            // attempt must start from nothing.
+            let _ = std::fs::remove_file(&path);
+        }
+        opened
+    }
+
+    fn open_file(path: PathBuf, fresh: bool) -> Result<Store, StoreError> {
         let db = Database::create(&path)
             .map_err(|e| StoreError::Db(format!("open {}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(db_err)?;

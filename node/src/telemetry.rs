@@ -11,9 +11,12 @@ pub const DEFAULT_FILTER: &str = "info,ractor=warn,ractor_cluster=warn";
 pub fn init(format: LogFormat) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    // A log that cannot be written (stderr on a full disk) loses lines, never the node: by
+    // default the subscriber would report the failure with `eprintln!`, which panics.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     let _ = match format {
         LogFormat::Json => builder
             .json()

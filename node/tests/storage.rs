@@ -441,3 +441,39 @@ async fn a_node_whose_disk_fills_hands_its_rooms_over_and_rejoins_once_space_is_
          n1 back up {rejoined_after:?} after space was freed"
     );
 }
+
+#[tokio::test]
+async fn a_new_node_on_a_full_disk_answers_503_and_starts_serving_once_space_is_freed() {
+    let tmpfs = match Tmpfs::mount("4m") {
+        Ok(tmpfs) => tmpfs,
+        Err(why) => return skip(&why),
+    };
+    let filler = tmpfs.dir.join("filler");
+    fill(&filler);
+    let mut node = NodeProcess::spawn_in("n1", "127.0.0.1", &tmpfs.dir.join("n1"), &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        if let Ok((code, body)) = common::http_get(node.http, "/healthz").await {
+            assert_eq!(code, 503, "{body}");
+            break body;
+        }
+        assert!(node.is_running(), "the node exited:\n{}", node.log_text());
+        assert!(Instant::now() < deadline, "no /healthz answer in time");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let body: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(body["reason"], "store", "{body}");
+    // It stays up and keeps saying so while the disk is full.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(node.is_running(), "the node exited:\n{}", node.log_text());
+    assert_eq!(health(&node).await.0, 503);
+
+    std::fs::remove_file(&filler).expect("remove the filler");
+    let freed_at = Instant::now();
+    node.wait_healthy();
+    let serving_after = freed_at.elapsed();
+    let mut alice = Client::connect(node.http, "alice").await;
+    alice.join("fresh", None).await;
+    assert_eq!(alice.say("fresh", "hello").await, 1);
+    println!("a new node on a full disk served {serving_after:?} after space was freed");
+}

@@ -313,6 +313,24 @@ fn route(
     }
 }
 
+/// Answers every request on `stream` with 503 and `"reason":"store"`: what a node that cannot
+/// create its store yet (a full disk) serves until it can (docs/protocol.md §5).
+pub async fn store_unavailable(stream: TcpStream, node: NodeName) {
+    let body = serde_json::json!({
+        "status": "unavailable", "node": node, "members": 0, "reason": "store"
+    });
+    let service = service_fn(move |_request: Request<Incoming>| {
+        let response = json(StatusCode::SERVICE_UNAVAILABLE, &body);
+        async move { Ok::<_, std::convert::Infallible>(response) }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(HEADER_TIMEOUT * 2, connection).await;
+}
+
 fn health(gateway: &Gateway) -> Response<Full<Bytes>> {
     let view = gateway.node.views.borrow().clone();
     // Why the node cannot serve, the first that applies (docs/protocol.md §5).
