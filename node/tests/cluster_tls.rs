@@ -9,11 +9,12 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Client;
+use common::capture::Capture;
 use common::cluster::{COOKIE, Cluster, cluster_view, metric_value, up_members};
 
 /// Makes a CA in `dir` (unless there is one) and a certificate per `(node, host)`.
@@ -134,63 +135,6 @@ async fn three_nodes_with_mutual_tls_chat_and_nodes_of_another_ca_stay_out() {
     chat_across_nodes(&cluster, "tls-room-2", "still chatting").await;
 }
 
-/// tcpdump writing every packet of the given TCP ports on loopback to a file.
-struct Capture {
-    child: Child,
-    file: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Capture {
-    /// None (and the test is skipped) without root or without tcpdump.
-    fn start(ports: &[u16]) -> Option<Capture> {
-        let uid = Command::new("id").arg("-u").output().ok()?;
-        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-            common::skip("capturing packets needs root");
-            return None;
-        }
-        let dir = tempfile::tempdir().expect("temp dir");
-        let file = dir.path().join("links.pcap");
-        let filter = ports
-            .iter()
-            .map(|p| format!("port {p}"))
-            .collect::<Vec<_>>()
-            .join(" or ");
-        let child = Command::new("tcpdump")
-            .args(["-i", "lo", "-U", "-s", "0", "-w"])
-            .arg(&file)
-            .arg(format!("tcp and ({filter})"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let Ok(child) = child else {
-            common::skip("tcpdump is not installed");
-            return None;
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !file.exists() {
-            assert!(Instant::now() < deadline, "tcpdump did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        std::thread::sleep(Duration::from_millis(500));
-        Some(Capture {
-            child,
-            file,
-            _dir: dir,
-        })
-    }
-
-    /// Stops the capture; the captured bytes.
-    fn stop(mut self) -> Vec<u8> {
-        std::thread::sleep(Duration::from_millis(500));
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-        std::fs::read(&self.file).expect("read the capture")
-    }
-}
-
 fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack
         .windows(needle.len())
@@ -199,8 +143,12 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
 
 /// Captures the node links of `cluster` while a text crosses them; the capture.
 async fn capture_chat(cluster: &Cluster, text: &str) -> Option<Vec<u8>> {
-    let ports: Vec<u16> = cluster.cluster_addrs.iter().map(|a| a.port()).collect();
-    let capture = Capture::start(&ports)?;
+    let ports: Vec<String> = cluster
+        .cluster_addrs
+        .iter()
+        .map(|a| format!("port {}", a.port()))
+        .collect();
+    let capture = Capture::start(&format!("tcp and ({})", ports.join(" or ")))?;
     chat_across_nodes(cluster, "captured", text).await;
     Some(capture.stop())
 }

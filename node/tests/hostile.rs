@@ -570,3 +570,90 @@ async fn strangers_on_the_cluster_port_are_closed_within_seconds_and_cost_no_mem
     b.recv_until(|f| f["type"] == "message" && f["text"] == "still here")
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replayed_heartbeats_of_a_departed_node_never_bring_it_back() {
+    let mut cluster = common::cluster::Cluster::start(205, 3).await;
+    // Capture two seconds of what n3 sends on the UDP side of its cluster port.
+    let n3 = cluster.cluster_addrs[2];
+    let Some(capture) = common::capture::Capture::start(&format!(
+        "udp and src host {} and src port {}",
+        n3.ip(),
+        n3.port()
+    )) else {
+        return;
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let datagrams = common::capture::udp_payloads(&capture.stop());
+    assert!(
+        datagrams.len() > 10,
+        "captured {} datagrams",
+        datagrams.len()
+    );
+
+    // n3 leaves for good: the others forget it at once.
+    assert_eq!(cluster.node_mut(3).terminate(), Some(0));
+    let listed = |view: &Value| -> Vec<String> {
+        view["members"]
+            .as_array()
+            .expect("members")
+            .iter()
+            .filter_map(|m| m["name"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let view = common::cluster::cluster_view(cluster.http(1))
+            .await
+            .expect("view");
+        if !listed(&view).contains(&"n3".to_owned()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "n1 still lists n3: {view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused_before = common::cluster::metric_value(
+        cluster.http(1),
+        r#"chat_peer_dropped_total{kind="bad_datagram"}"#,
+    )
+    .await
+    .unwrap_or(0.0);
+
+    // Every captured datagram, played back to n1 and n2 from n3's own address, three times.
+    let socket = std::net::UdpSocket::bind(n3).expect("n3's address is free again");
+    for _ in 0..3 {
+        for datagram in &datagrams {
+            for target in &cluster.cluster_addrs[..2] {
+                socket.send_to(datagram, target).expect("send");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 1..=2 {
+        let view = common::cluster::cluster_view(cluster.http(i))
+            .await
+            .expect("view");
+        assert!(
+            !listed(&view).contains(&"n3".to_owned()),
+            "a replay brought n3 back for n{i}: {view}"
+        );
+        assert_eq!(view["quorum"], true, "n{i}: {view}");
+    }
+    let refused = common::cluster::metric_value(
+        cluster.http(1),
+        r#"chat_peer_dropped_total{kind="bad_datagram"}"#,
+    )
+    .await
+    .unwrap_or(0.0)
+        - refused_before;
+    println!(
+        "replay: {} captured datagrams of n3 played back 3 times; n1 refused {refused}",
+        datagrams.len()
+    );
+    assert!(
+        refused >= 3.0 * datagrams.len() as f64,
+        "n1 refused only {refused} of {} replayed datagrams",
+        3 * datagrams.len()
+    );
+}

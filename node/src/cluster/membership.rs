@@ -118,6 +118,10 @@ pub enum MembershipMessage {
     Leave(RpcReplyPort<()>),
 }
 
+/// A datagram to send: the address, the receiver's name when known (a seed's is not), the
+/// heartbeat.
+type Outgoing = (String, Option<NodeName>, Heartbeat);
+
 /// The membership's state.
 pub struct MembershipState {
     args: MembershipArgs,
@@ -163,7 +167,7 @@ impl Actor for Membership {
         }));
         let socket = args.socket.clone();
         let me = myself.clone();
-        let mut opener = args.sealer.opener();
+        let mut opener = args.sealer.opener(&args.me.name);
         let metrics = args.net.metrics().clone();
         // Seals are checked here, before anything is queued for the actor: a flood of datagrams
         // without the cookie costs one HMAC each and never grows the actor's (unbounded) mailbox.
@@ -226,15 +230,12 @@ impl Actor for Membership {
             MembershipMessage::Leave(reply) => {
                 state.leaving = true;
                 let leave = state.detector.leave();
-                let targets: Vec<String> = state
+                let targets: Vec<Outgoing> = state
                     .detector
                     .members()
-                    .map(|(m, _)| m.addr.clone())
+                    .map(|(m, _)| (m.addr.clone(), Some(m.name.clone()), leave.clone()))
                     .collect();
-                state.send_all(
-                    &myself,
-                    targets.into_iter().map(|a| (a, leave.clone())).collect(),
-                );
+                state.send_all(&myself, targets);
                 // Give the datagrams a moment to leave the socket before the process exits.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 let _ = reply.send(());
@@ -249,6 +250,7 @@ impl MembershipState {
         if self.withdrawn() {
             return;
         }
+        let sender = heartbeat.from.name.clone();
         let observed = self.detector.observe(heartbeat, Instant::now());
         if observed.own {
             self.own_addrs.insert(from);
@@ -256,7 +258,7 @@ impl MembershipState {
             return;
         }
         if let Some(reply) = observed.reply {
-            self.send_to(from, &reply);
+            self.send_to(from, &sender, &reply);
         }
         if let Some(name) = observed.restarted {
             tracing::info!(peer = %name, "peer restarted");
@@ -312,7 +314,20 @@ impl MembershipState {
             return;
         }
         let now = Instant::now();
-        let mut sends = self.detector.pings(now);
+        let names: HashMap<String, NodeName> = self
+            .detector
+            .members()
+            .map(|(m, _)| (m.addr.clone(), m.name.clone()))
+            .collect();
+        let mut sends: Vec<Outgoing> = self
+            .detector
+            .pings(now)
+            .into_iter()
+            .map(|(addr, ping)| {
+                let name = names.get(&addr).cloned();
+                (addr, name, ping)
+            })
+            .collect();
         if self
             .seed_sent
             .is_none_or(|t| now.duration_since(t) >= SEED_EVERY)
@@ -322,7 +337,7 @@ impl MembershipState {
             self.seed_sent = Some(now);
             for seed in self.args.seeds.clone() {
                 let ping = self.detector.seed_ping();
-                sends.push((seed, ping));
+                sends.push((seed, None, ping));
             }
         }
         if self.withdrawn() {
@@ -338,8 +353,8 @@ impl MembershipState {
         }
     }
 
-    fn send_to(&self, to: SocketAddr, heartbeat: &Heartbeat) {
-        match self.args.sealer.seal(heartbeat, now_ms()) {
+    fn send_to(&self, to: SocketAddr, name: &NodeName, heartbeat: &Heartbeat) {
+        match self.args.sealer.seal(heartbeat, Some(name), now_ms()) {
             Ok(datagram) => {
                 let _ = self.args.socket.try_send_to(&datagram, to);
             }
@@ -349,13 +364,13 @@ impl MembershipState {
 
     /// Resolves the addresses (host names are looked up again each time) and sends, off the
     /// actor: a slow resolver must not delay heartbeats being answered.
-    fn send_all(&self, myself: &ActorRef<MembershipMessage>, sends: Vec<(String, Heartbeat)>) {
+    fn send_all(&self, myself: &ActorRef<MembershipMessage>, sends: Vec<Outgoing>) {
         let sealer = self.args.sealer.clone();
         let socket = self.args.socket.clone();
         let seeds: HashSet<String> = self.args.seeds.iter().cloned().collect();
         let mut batch = Vec::with_capacity(sends.len());
-        for (addr, heartbeat) in sends {
-            match sealer.seal(&heartbeat, now_ms()) {
+        for (addr, name, heartbeat) in sends {
+            match sealer.seal(&heartbeat, name.as_ref(), now_ms()) {
                 Ok(datagram) => batch.push((addr, datagram)),
                 Err(e) => tracing::error!(error = %e, "heartbeat not encodable"),
             }

@@ -3,7 +3,7 @@
 //! a captured datagram cannot be played again.
 //!
 //! ```text
-//!   counter u64 BE │ sent_ms u64 BE │ codec(Heartbeat) │ HMAC-SHA256(key, everything before)
+//!   counter u64 BE │ sent_ms u64 BE │ to u64 │ codec(Heartbeat) │ HMAC-SHA256(key, all before)
 //! ```
 //!
 //! - The key is derived from the cookie (and from the cluster CA's certificate when node links
@@ -13,6 +13,10 @@
 //!   (the anti-replay window of IPsec): a datagram seen before, older than the window, or from
 //!   an earlier incarnation than one already heard is refused. Datagrams may still arrive out of
 //!   order within the window.
+//! - `to` names the receiver (a tag of its node name), so that a datagram captured on its way
+//!   to one node is refused by every other. A ping to a seed whose name the sender does not know
+//!   yet carries 0: those are accepted only past the highest counter heard from their sender,
+//!   never inside the window.
 //! - The send time bounds what a receiver with no memory of the sender (it just restarted)
 //!   accepts: a datagram sent more than [`MAX_AGE_MS`] ago, by the receiver's clock, is refused.
 
@@ -27,8 +31,8 @@ use sha2::{Digest, Sha256};
 
 /// Length of the HMAC tag at the end of every datagram.
 const TAG_LEN: usize = 32;
-/// Length of the stamp (counter and send time) at the start of every datagram.
-const STAMP_LEN: usize = 16;
+/// Length of the stamp (counter, send time, receiver) at the start of every datagram.
+const STAMP_LEN: usize = 24;
 /// How many counters below the highest one a receiver still accepts (reordering).
 pub const WINDOW: u64 = 64;
 /// How old (or how far in the future) a datagram may be, by the receiver's clock: covers the
@@ -47,6 +51,9 @@ pub enum DatagramError {
     /// The datagram was received before, or is older than what the sender sent since.
     #[error("replayed")]
     Replayed,
+    /// The datagram was sealed for another node.
+    #[error("sealed for another node")]
+    Misdirected,
     /// The send time is too far from this node's clock.
     #[error("sent {skew_ms} ms away from this node's clock")]
     Stale {
@@ -84,25 +91,41 @@ impl Sealer {
         }
     }
 
-    /// Stamps, encodes and seals a heartbeat sent at `now_ms`.
-    pub fn seal(&self, heartbeat: &Heartbeat, now_ms: u64) -> Result<Vec<u8>, CodecError> {
+    /// Stamps, encodes and seals a heartbeat for the node named `to` (`None`: a seed not known
+    /// by name yet), sent at `now_ms`.
+    pub fn seal(
+        &self,
+        heartbeat: &Heartbeat,
+        to: Option<&NodeName>,
+        now_ms: u64,
+    ) -> Result<Vec<u8>, CodecError> {
         let counter = self.counter.fetch_add(1, Ordering::Relaxed);
         let mut payload = Vec::with_capacity(STAMP_LEN + 256 + TAG_LEN);
         payload.extend_from_slice(&counter.to_be_bytes());
         payload.extend_from_slice(&now_ms.to_be_bytes());
+        payload.extend_from_slice(&to.map_or(0, receiver_tag).to_be_bytes());
         payload.extend_from_slice(&codec::encode(heartbeat)?);
         let tag = tag(&self.key, &payload);
         payload.extend_from_slice(&tag);
         Ok(payload)
     }
 
-    /// An opener for the datagrams sealed with the same key.
-    pub fn opener(&self) -> Opener {
+    /// An opener, for the node named `me`, of the datagrams sealed with the same key.
+    pub fn opener(&self, me: &NodeName) -> Opener {
         Opener {
             key: self.key,
+            me: receiver_tag(me),
             senders: HashMap::new(),
         }
     }
+}
+
+/// The `to` of the datagrams for the node named `name`: never 0.
+fn receiver_tag(name: &NodeName) -> u64 {
+    let digest = Sha256::digest(name.as_str().as_bytes());
+    let mut tag = [0; 8];
+    tag.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(tag).max(1)
 }
 
 /// What a receiver remembers of one sender.
@@ -115,8 +138,9 @@ struct Seen {
 }
 
 impl Seen {
-    /// Records `counter` of `incarnation`, or says why it is refused.
-    fn accept(&mut self, incarnation: u64, counter: u64) -> bool {
+    /// Records `counter` of `incarnation` (inside the window only when `addressed`), or says
+    /// it is refused.
+    fn accept(&mut self, incarnation: u64, counter: u64, addressed: bool) -> bool {
         if incarnation != self.incarnation {
             if incarnation < self.incarnation {
                 return false;
@@ -139,7 +163,7 @@ impl Seen {
             return true;
         }
         let age = self.highest - counter;
-        if age >= WINDOW || self.bits & (1 << age) != 0 {
+        if !addressed || age >= WINDOW || self.bits & (1 << age) != 0 {
             return false;
         }
         self.bits |= 1 << age;
@@ -151,6 +175,8 @@ impl Seen {
 #[derive(Debug)]
 pub struct Opener {
     key: [u8; 32],
+    /// The `to` of datagrams for this node.
+    me: u64,
     senders: HashMap<NodeName, Seen>,
 }
 
@@ -162,9 +188,15 @@ impl Opener {
         let (stamp, body) = payload
             .split_at_checked(STAMP_LEN)
             .ok_or(DatagramError::Seal)?;
-        let (counter, sent_ms) = stamp.split_at(8);
-        let counter = u64::from_be_bytes(counter.try_into().unwrap_or_default());
-        let sent_ms = u64::from_be_bytes(sent_ms.try_into().unwrap_or_default());
+        let field = |i: usize| {
+            let mut bytes = [0; 8];
+            bytes.copy_from_slice(&stamp[i * 8..i * 8 + 8]);
+            u64::from_be_bytes(bytes)
+        };
+        let (counter, sent_ms, to) = (field(0), field(1), field(2));
+        if to != 0 && to != self.me {
+            return Err(DatagramError::Misdirected);
+        }
         let skew_ms = now_ms.abs_diff(sent_ms);
         if skew_ms > MAX_AGE_MS {
             return Err(DatagramError::Stale { skew_ms });
@@ -172,7 +204,7 @@ impl Opener {
         let heartbeat: Heartbeat = codec::decode(body)?;
         let from = &heartbeat.from;
         let fresh = match self.senders.get_mut(&from.name) {
-            Some(seen) => seen.accept(from.incarnation, counter),
+            Some(seen) => seen.accept(from.incarnation, counter, to != 0),
             None => {
                 self.senders.insert(
                     from.name.clone(),
@@ -220,6 +252,11 @@ mod tests {
 
     const NOW: u64 = 1_800_000_000_000;
 
+    /// The receiver of the datagrams of these tests.
+    fn b() -> NodeName {
+        NodeName::new("b").unwrap()
+    }
+
     fn heartbeat(incarnation: u64) -> Heartbeat {
         Heartbeat {
             from: MemberInfo {
@@ -237,15 +274,18 @@ mod tests {
     #[test]
     fn sealed_datagrams_open_only_with_the_same_key() {
         let sealer = Sealer::new(key("secret", None));
-        let datagram = sealer.seal(&heartbeat(1), NOW).unwrap();
-        assert_eq!(sealer.opener().open(&datagram, NOW).unwrap(), heartbeat(1));
+        let datagram = sealer.seal(&heartbeat(1), Some(&b()), NOW).unwrap();
+        assert_eq!(
+            sealer.opener(&b()).open(&datagram, NOW).unwrap(),
+            heartbeat(1)
+        );
         for other in [key("other", None), key("secret", Some(b"another CA"))] {
-            let result = Sealer::new(other).opener().open(&datagram, NOW);
+            let result = Sealer::new(other).opener(&b()).open(&datagram, NOW);
             assert!(matches!(result, Err(DatagramError::Seal)));
         }
         let mut tampered = datagram.clone();
         tampered[0] ^= 1;
-        let mut opener = sealer.opener();
+        let mut opener = sealer.opener(&b());
         assert!(matches!(
             opener.open(&tampered, NOW),
             Err(DatagramError::Seal)
@@ -259,8 +299,8 @@ mod tests {
     #[test]
     fn a_datagram_opens_once() {
         let sealer = Sealer::new(key("secret", None));
-        let mut opener = sealer.opener();
-        let first = sealer.seal(&heartbeat(1), NOW).unwrap();
+        let mut opener = sealer.opener(&b());
+        let first = sealer.seal(&heartbeat(1), Some(&b()), NOW).unwrap();
         assert!(opener.open(&first, NOW).is_ok());
         assert!(matches!(
             opener.open(&first, NOW),
@@ -272,9 +312,9 @@ mod tests {
     fn datagrams_may_arrive_out_of_order_within_the_window() {
         let sealer = Sealer::new(key("secret", None));
         let sent: Vec<Vec<u8>> = (0..WINDOW + 10)
-            .map(|_| sealer.seal(&heartbeat(1), NOW).unwrap())
+            .map(|_| sealer.seal(&heartbeat(1), Some(&b()), NOW).unwrap())
             .collect();
-        let mut opener = sealer.opener();
+        let mut opener = sealer.opener(&b());
         // The newest first, then the rest backwards: the ones inside the window open, once.
         for (i, datagram) in sent.iter().enumerate().rev() {
             let age = sent.len() - 1 - i;
@@ -288,11 +328,11 @@ mod tests {
     fn an_earlier_life_is_refused_once_a_later_one_was_heard() {
         let old = Sealer::new(key("secret", None));
         let new = Sealer::new(key("secret", None));
-        let captured = old.seal(&heartbeat(1), NOW).unwrap();
-        let mut opener = new.opener();
+        let captured = old.seal(&heartbeat(1), Some(&b()), NOW).unwrap();
+        let mut opener = new.opener(&b());
         assert!(
             opener
-                .open(&new.seal(&heartbeat(2), NOW).unwrap(), NOW)
+                .open(&new.seal(&heartbeat(2), Some(&b()), NOW).unwrap(), NOW)
                 .is_ok()
         );
         assert!(matches!(
@@ -304,10 +344,66 @@ mod tests {
     #[test]
     fn old_datagrams_are_refused_by_a_receiver_without_memory() {
         let sealer = Sealer::new(key("secret", None));
-        let captured = sealer.seal(&heartbeat(1), NOW).unwrap();
+        let captured = sealer.seal(&heartbeat(1), Some(&b()), NOW).unwrap();
         let later = NOW + MAX_AGE_MS + 1;
-        let result = sealer.opener().open(&captured, later);
+        let result = sealer.opener(&b()).open(&captured, later);
         assert!(matches!(result, Err(DatagramError::Stale { .. })));
-        assert!(sealer.opener().open(&captured, NOW + MAX_AGE_MS).is_ok());
+        assert!(
+            sealer
+                .opener(&b())
+                .open(&captured, NOW + MAX_AGE_MS)
+                .is_ok()
+        );
+    }
+}
+
+#[cfg(test)]
+mod receiver_tests {
+    use super::*;
+    use chat_protocol::peer::{HeartbeatKind, MemberInfo};
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn name(n: &str) -> NodeName {
+        NodeName::new(n).unwrap()
+    }
+
+    fn ping() -> Heartbeat {
+        Heartbeat {
+            from: MemberInfo {
+                name: name("a"),
+                incarnation: 1,
+                addr: "a:7000".into(),
+                public_url: None,
+            },
+            kind: HeartbeatKind::Ping { nonce: 1 },
+            members: Vec::new(),
+            departed: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_datagram_for_one_node_is_refused_by_the_others() {
+        let sealer = Sealer::new(key("secret", None));
+        let for_b = sealer.seal(&ping(), Some(&name("b")), NOW).unwrap();
+        let result = sealer.opener(&name("c")).open(&for_b, NOW);
+        assert!(matches!(result, Err(DatagramError::Misdirected)));
+        assert!(sealer.opener(&name("b")).open(&for_b, NOW).is_ok());
+    }
+
+    #[test]
+    fn an_unaddressed_datagram_is_accepted_only_past_the_highest_counter() {
+        let sealer = Sealer::new(key("secret", None));
+        let early_seed_ping = sealer.seal(&ping(), None, NOW).unwrap();
+        let to_c = sealer.seal(&ping(), Some(&name("c")), NOW).unwrap();
+        let mut c = sealer.opener(&name("c"));
+        assert!(c.open(&to_c, NOW).is_ok());
+        // Captured earlier, played to c after something newer: refused even inside the window.
+        assert!(matches!(
+            c.open(&early_seed_ping, NOW),
+            Err(DatagramError::Replayed)
+        ));
+        let late_seed_ping = sealer.seal(&ping(), None, NOW).unwrap();
+        assert!(c.open(&late_seed_ping, NOW).is_ok());
     }
 }
