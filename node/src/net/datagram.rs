@@ -355,55 +355,33 @@ mod tests {
                 .is_ok()
         );
     }
-}
-
-#[cfg(test)]
-mod receiver_tests {
-    use super::*;
-    use chat_protocol::peer::{HeartbeatKind, MemberInfo};
-
-    const NOW: u64 = 1_800_000_000_000;
-
-    fn name(n: &str) -> NodeName {
-        NodeName::new(n).unwrap()
-    }
-
-    fn ping() -> Heartbeat {
-        Heartbeat {
-            from: MemberInfo {
-                name: name("a"),
-                incarnation: 1,
-                addr: "a:7000".into(),
-                public_url: None,
-            },
-            kind: HeartbeatKind::Ping { nonce: 1 },
-            members: Vec::new(),
-            departed: Vec::new(),
-        }
-    }
 
     #[test]
     fn a_datagram_for_one_node_is_refused_by_the_others() {
         let sealer = Sealer::new(key("secret", None));
-        let for_b = sealer.seal(&ping(), Some(&name("b")), NOW).unwrap();
-        let result = sealer.opener(&name("c")).open(&for_b, NOW);
+        let for_b = sealer.seal(&heartbeat(1), Some(&b()), NOW).unwrap();
+        let result = sealer
+            .opener(&NodeName::new("c").unwrap())
+            .open(&for_b, NOW);
         assert!(matches!(result, Err(DatagramError::Misdirected)));
-        assert!(sealer.opener(&name("b")).open(&for_b, NOW).is_ok());
+        assert!(sealer.opener(&b()).open(&for_b, NOW).is_ok());
     }
 
     #[test]
     fn an_unaddressed_datagram_is_accepted_only_past_the_highest_counter() {
         let sealer = Sealer::new(key("secret", None));
-        let early_seed_ping = sealer.seal(&ping(), None, NOW).unwrap();
-        let to_c = sealer.seal(&ping(), Some(&name("c")), NOW).unwrap();
-        let mut c = sealer.opener(&name("c"));
+        let early_seed_ping = sealer.seal(&heartbeat(1), None, NOW).unwrap();
+        let to_c = sealer
+            .seal(&heartbeat(1), Some(&NodeName::new("c").unwrap()), NOW)
+            .unwrap();
+        let mut c = sealer.opener(&NodeName::new("c").unwrap());
         assert!(c.open(&to_c, NOW).is_ok());
         // Captured earlier, played to c after something newer: refused even inside the window.
         assert!(matches!(
             c.open(&early_seed_ping, NOW),
             Err(DatagramError::Replayed)
         ));
-        let late_seed_ping = sealer.seal(&ping(), None, NOW).unwrap();
+        let late_seed_ping = sealer.seal(&heartbeat(1), None, NOW).unwrap();
         assert!(c.open(&late_seed_ping, NOW).is_ok());
     }
 }
