@@ -33,6 +33,8 @@ use config::{
 };
 use serde::Deserialize;
 
+use crate::rooms::retention::{Retention, RetentionPolicy};
+
 /// Default values of the settings that have a fixed default.
 ///
 /// `name` defaults to the host name and `data-dir` to `./data/<name>`; the settings without a
@@ -85,6 +87,10 @@ pub mod defaults {
     pub const BOOTSTRAP_EXPECT: usize = 1;
     /// `shutdown-grace-ms`: how long graceful shutdown waits.
     pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
+    /// `retention-messages`: the newest messages kept per room; 0 keeps every message.
+    pub const RETENTION_MESSAGES: u64 = 0;
+    /// `retention-age-secs`: messages older than this are dropped; 0 keeps them however old.
+    pub const RETENTION_AGE_SECS: u64 = 0;
 }
 
 /// Every setting's key, as a flag name and a config-file key.
@@ -121,6 +127,8 @@ const KEYS: &[&str] = &[
     "bootstrap-expect",
     "log-format",
     "shutdown-grace-ms",
+    "retention-messages",
+    "retention-age-secs",
 ];
 
 /// Prefix of the environment variables that carry settings.
@@ -130,6 +138,8 @@ const CONFIG_VAR: &str = "CHAT_CONFIG";
 /// The shortest cookie accepted, in bytes: a short one could be guessed from a captured
 /// challenge.
 const MIN_COOKIE_BYTES: usize = 16;
+/// The longest `retention-age-secs`: a hundred years, far from overflowing milliseconds.
+const MAX_RETENTION_AGE_SECS: u64 = 100 * 365 * 24 * 3600;
 /// What `Debug` prints instead of a secret.
 const REDACTED: &str = "***";
 /// `failure-timeout-ms` must exceed this many heartbeat intervals, so that a few lost or late
@@ -209,6 +219,13 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// `shutdown-grace-ms`: how long graceful shutdown waits for clients and storage.
     pub shutdown_grace_ms: u64,
+    /// `retention-messages`: keep at most the newest this many messages of each room; older
+    /// ones are dropped from every copy and `history` says where the room's log now starts.
+    /// 0 keeps every message.
+    pub retention_messages: u64,
+    /// `retention-age-secs`: drop messages older than this many seconds (checked as rooms
+    /// commit messages); 0 keeps them however old.
+    pub retention_age_secs: u64,
 }
 
 /// How the node writes its logs (`log-format`).
@@ -436,6 +453,12 @@ pub struct Cli {
     /// How long graceful shutdown waits for clients and storage [default: 5000]
     #[arg(long, value_name = "MS")]
     pub shutdown_grace_ms: Option<u64>,
+    /// Newest messages kept per room; older ones are dropped; 0 = keep all [default: 0]
+    #[arg(long, value_name = "MESSAGES")]
+    pub retention_messages: Option<u64>,
+    /// Messages older than this are dropped; 0 = keep them however old [default: 0]
+    #[arg(long, value_name = "SECONDS")]
+    pub retention_age_secs: Option<u64>,
 }
 
 impl Settings {
@@ -581,7 +604,23 @@ impl Settings {
             ));
         }
         at_least("bootstrap-expect", wide(self.bootstrap_expect), 1)?;
+        check_range(
+            "retention-age-secs",
+            self.retention_age_secs,
+            0..=MAX_RETENTION_AGE_SECS,
+        )?;
         Ok(())
+    }
+
+    /// How much of each room's log to keep: these settings for every room.
+    pub fn retention(&self) -> RetentionPolicy {
+        RetentionPolicy {
+            default: Retention {
+                messages: self.retention_messages,
+                age_ms: self.retention_age_secs.saturating_mul(1000),
+            },
+            rooms: Default::default(),
+        }
     }
 
     /// Settings of a single node for tests: name `n1`, listening on `127.0.0.1:0`, every other
@@ -624,6 +663,8 @@ impl Settings {
             bootstrap_expect: defaults::BOOTSTRAP_EXPECT,
             log_format: LogFormat::Text,
             shutdown_grace_ms: defaults::SHUTDOWN_GRACE_MS,
+            retention_messages: defaults::RETENTION_MESSAGES,
+            retention_age_secs: defaults::RETENTION_AGE_SECS,
         }
     }
 
@@ -681,6 +722,8 @@ impl fmt::Debug for Settings {
             .field("bootstrap_expect", &self.bootstrap_expect)
             .field("log_format", &self.log_format)
             .field("shutdown_grace_ms", &self.shutdown_grace_ms)
+            .field("retention_messages", &self.retention_messages)
+            .field("retention_age_secs", &self.retention_age_secs)
             .finish()
     }
 }
@@ -722,6 +765,8 @@ struct Layered {
     bootstrap_expect: usize,
     log_format: LogFormat,
     shutdown_grace_ms: u64,
+    retention_messages: u64,
+    retention_age_secs: u64,
 }
 
 impl Layered {
@@ -773,6 +818,8 @@ impl Layered {
             bootstrap_expect: self.bootstrap_expect,
             log_format: self.log_format,
             shutdown_grace_ms: self.shutdown_grace_ms,
+            retention_messages: self.retention_messages,
+            retention_age_secs: self.retention_age_secs,
         })
     }
 }
@@ -814,7 +861,9 @@ fn with_defaults(builder: Builder) -> Result<Builder, ConfigError> {
         .set_default("room-idle-ms", defaults::ROOM_IDLE_MS)?
         .set_default("bootstrap-expect", wide(defaults::BOOTSTRAP_EXPECT))?
         .set_default("log-format", LogFormat::default().as_str())?
-        .set_default("shutdown-grace-ms", defaults::SHUTDOWN_GRACE_MS)
+        .set_default("shutdown-grace-ms", defaults::SHUTDOWN_GRACE_MS)?
+        .set_default("retention-messages", defaults::RETENTION_MESSAGES)?
+        .set_default("retention-age-secs", defaults::RETENTION_AGE_SECS)
 }
 
 /// The top layer: the flags given on the command line, and only those.
@@ -860,7 +909,9 @@ fn with_flags(builder: Builder, cli: Cli) -> Result<Builder, ConfigError> {
         .set_override_option("room-idle-ms", cli.room_idle_ms)?
         .set_override_option("bootstrap-expect", cli.bootstrap_expect.map(wide))?
         .set_override_option("log-format", cli.log_format.map(LogFormat::as_str))?
-        .set_override_option("shutdown-grace-ms", cli.shutdown_grace_ms)
+        .set_override_option("shutdown-grace-ms", cli.shutdown_grace_ms)?
+        .set_override_option("retention-messages", cli.retention_messages)?
+        .set_override_option("retention-age-secs", cli.retention_age_secs)
 }
 
 /// The `CHAT_*` variables of `env` as a source, with keys turned into kebab-case.
@@ -1305,6 +1356,8 @@ mod tests {
         ("bootstrap-expect", "3"),
         ("log-format", "json"),
         ("shutdown-grace-ms", "777"),
+        ("retention-messages", "1000"),
+        ("retention-age-secs", "86400"),
     ];
 
     fn non_default_settings() -> Settings {
@@ -1339,6 +1392,8 @@ mod tests {
             bootstrap_expect: 3,
             log_format: LogFormat::Json,
             shutdown_grace_ms: 777,
+            retention_messages: 1000,
+            retention_age_secs: 86400,
         }
     }
 

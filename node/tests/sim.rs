@@ -151,7 +151,7 @@ fn run(settings: Settings) -> Outcome {
         violations: world.checker.violations.clone(),
         summary: format!(
             "seed {seed}: {} nodes (+{} spare), rf {}, {} rooms, {} clients, {:.0}s: {acked} acked, \
-             {} unavailable, {} reconnects, {} stale joins; faults {:?}",
+             {} unavailable, {} reconnects, {} stale joins; retention {:?}; faults {:?}",
             world.settings.nodes,
             world.settings.spares,
             world.settings.replication_factor,
@@ -161,6 +161,7 @@ fn run(settings: Settings) -> Outcome {
             stats.0,
             stats.1,
             stats.2,
+            world.settings.retention,
             world.faults
         ),
         events: world.events,
@@ -300,6 +301,7 @@ fn double_fault_fork(flaw: Option<Flaw>) -> Vec<String> {
         faults: false,
         flaw,
         trace: std::env::var("SIM_TRACE").is_ok_and(|v| v == "1"),
+        retention: None,
     };
     let mut world = World::new(settings);
     assert!(

@@ -499,13 +499,26 @@ impl HubCore {
         if !self.sessions.contains_key(&pending.session) {
             return;
         }
+        // A join below the room's horizon is handled as a join; its reply keeps the horizon.
+        let (reply, horizon) = match reply {
+            joined @ Reply::JoinedBelowHorizon { .. } => joined.split_horizon(),
+            reply => (reply, None),
+        };
         match (&pending.kind, reply) {
             (Kind::Join(room), Reply::Joined { seq, replay, .. }) => {
                 let room = room.clone();
-                let reply = Reply::Joined {
-                    room: room.clone(),
-                    seq,
-                    replay,
+                let reply = match horizon {
+                    Some(horizon) => Reply::JoinedBelowHorizon {
+                        room: room.clone(),
+                        seq,
+                        replay,
+                        horizon,
+                    },
+                    None => Reply::Joined {
+                        room: room.clone(),
+                        seq,
+                        replay,
+                    },
                 };
                 self.effects.push(HubEffect::Reply {
                     session: pending.session,

@@ -376,12 +376,18 @@ impl Client {
     }
 
     fn reply(&mut self, asked: Asked, reply: Reply, now: Time, who: &str, checker: &mut Checker) {
+        // Replies below a room's horizon are checked as the plain ones, from the horizon on.
+        let (reply, horizon) = reply.split_horizon();
+        let horizon = horizon.unwrap_or(0);
+        if let Reply::Joined { room, .. } | Reply::History { room, .. } = &reply {
+            checker.horizon(room, horizon);
+        }
         match (asked, reply) {
             (Asked::Join(room, since), Reply::Joined { seq, replay, .. }) => {
                 for entry in &replay {
                     checker.observe(&room, entry, &format!("{who} replay"));
                 }
-                let expected_first = since.map_or(seq + 1, |s| s + 1);
+                let expected_first = since.map_or(seq + 1, |s| s + 1).max(horizon);
                 let contiguous = replay
                     .iter()
                     .enumerate()
@@ -445,7 +451,7 @@ impl Client {
             }
             (Asked::History(_), Reply::Failed { .. }) => {}
             (Asked::Read(room), Reply::Joined { replay, .. }) => {
-                checker.full_read(&room, &replay, &format!("{who} full read"));
+                checker.full_read(&room, &replay, horizon, &format!("{who} full read"));
                 self.reads_done += 1;
             }
             (Asked::Read(room), Reply::Failed { .. }) => {
