@@ -270,6 +270,20 @@ impl HubState {
                     outbox.push_batch(frames);
                 }
             }
+            HubEffect::Horizon {
+                room,
+                horizon,
+                sessions,
+            } => {
+                let frame = Utf8Bytes::from(
+                    ServerFrame::Horizon {
+                        room: room.as_str(),
+                        horizon,
+                    }
+                    .to_json(),
+                );
+                self.push_all(&sessions, &frame);
+            }
             HubEffect::Presence {
                 room,
                 user,

@@ -12,9 +12,8 @@
 //!
 //! `SIM_SEEDS` is how many seeds run (default 2000), from `SIM_FIRST` (default 0); `SIM_SEED`
 //! runs that one seed only, and `SIM_TRACE=1` prints every event of it.
-//! `SIM_RETENTION=1` gives room `r0` of half the seeds a small retention (3–32 messages): the
-//! checker then accepts messages gone below the horizon, and requires every acknowledged one
-//! at or above it.
+//! Room `r0` of half the seeds has a small retention (3–32 messages): the checker then accepts
+//! messages gone below the horizon, and requires every acknowledged one at or above it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 

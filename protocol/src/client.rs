@@ -494,6 +494,15 @@ pub enum ServerFrame<'a> {
         /// `join` or `leave`.
         event: PresenceEvent,
     },
+    /// Messages of a joined room that this connection had not received yet were dropped by
+    /// retention (the node caught up with a room that moved): the next `message` of the room has
+    /// `seq >= horizon`.
+    Horizon {
+        /// The room.
+        room: &'a str,
+        /// The room's horizon, the smallest seq still kept.
+        horizon: u64,
+    },
     /// A request failed.
     Error(ErrorFrame<'a>),
 }
@@ -769,6 +778,14 @@ mod tests {
             }
             .to_json(),
             r#"{"type":"presence","room":"lobby","user":"bob","event":"join"}"#
+        );
+        assert_eq!(
+            ServerFrame::Horizon {
+                room: "lobby",
+                horizon: 1234
+            }
+            .to_json(),
+            r#"{"type":"horizon","room":"lobby","horizon":1234}"#
         );
     }
 }

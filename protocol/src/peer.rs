@@ -364,7 +364,8 @@ pub enum ToRoom {
     },
     /// The sender's connections in the room, sent when the room's owner changed or the sender
     /// missed messages: the owner replaces the sender's members with these and re-sends every
-    /// message after `cursor`.
+    /// message after `cursor` (from its horizon on, announced first with [`ToHub::Horizon`], when
+    /// retention dropped some of them).
     Subscribe {
         /// The sending node.
         node: NodeName,
@@ -576,6 +577,15 @@ pub enum ToHub {
         /// The sending node.
         node: NodeName,
     },
+    /// The answer to a [`ToRoom::Subscribe`] whose cursor was below `horizon - 1`: the room's
+    /// messages before `horizon` were dropped by retention, and the re-sent ones (the fan-outs
+    /// that follow) start at it. (Added last; sent only then.)
+    Horizon {
+        /// The room.
+        room: RoomId,
+        /// The smallest seq still kept.
+        horizon: u64,
+    },
 }
 
 impl ToHub {
@@ -588,6 +598,7 @@ impl ToHub {
             ToHub::DeliverDirect { .. } => "deliver_direct",
             ToHub::RoomActive { .. } => "room_active",
             ToHub::Reannounce { .. } => "reannounce",
+            ToHub::Horizon { .. } => "horizon",
         }
     }
 }

@@ -25,11 +25,12 @@
 //!
 //! Retention ([`super::retention`]): the owner decides a horizon over committed entries and sends
 //! it to every node of the placement ([`ToKeeper::Trim`]); it serves the horizon (hides what is
-//! below, says so in `history` and `join` replies) only once every one of them recorded it, so a
-//! later owner, which adopts the highest horizon its claim hears of, never serves what a client
-//! was told is gone. Stores delete entries only below a horizon already served, so every entry
-//! at or above the served horizon stays readable. A claim makes the adopted horizon part of the
-//! sync: the room becomes active only once the placement recorded it.
+//! below, says so in `history` and `join` replies and to subscriptions from below it) only once
+//! every one of them recorded it, so a later owner, which adopts the highest horizon its claim
+//! hears of, never serves what a client was told is gone. Stores delete entries only below a
+//! horizon already served, so every entry at or above the served horizon stays readable. A claim
+//! makes the adopted horizon part of the sync: the room becomes active only once the placement
+//! recorded it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -1447,7 +1448,21 @@ impl RoomCore {
         }
         // Rebuilt membership after a move: not news to anyone, so no presence events.
         let _ = self.members.replace_node(&node, &sessions);
-        if sessions.is_empty() || cursor >= self.commit {
+        if sessions.is_empty() {
+            return;
+        }
+        if cursor.saturating_add(1) < self.horizon {
+            // What follows the cursor was dropped: the node moves past it instead of asking for
+            // it again and again.
+            self.effects.push(Effect::Hub(
+                node.clone(),
+                ToHub::Horizon {
+                    room: self.id.clone(),
+                    horizon: self.horizon,
+                },
+            ));
+        }
+        if cursor >= self.commit {
             return;
         }
         let from = (cursor + 1)
@@ -2343,6 +2358,13 @@ mod tests {
             self.settle(&mut core);
             core
         }
+
+        /// Sends `m1` ..= `m{count}` (ids `id1` …) as requests 1 ..= `count`.
+        fn send_numbered(&mut self, core: &mut RoomCore, count: u64) {
+            for i in 1..=count {
+                self.send(core, i, &format!("m{i}"), &format!("id{i}"));
+            }
+        }
     }
 
     fn seqs(entries: &[Entry]) -> Vec<u64> {
@@ -2353,9 +2375,7 @@ mod tests {
     fn retention_drops_old_messages_on_every_copy_and_a_new_owner_keeps_the_horizon() {
         let mut cluster = Cluster::new();
         let mut core = cluster.keeping(3);
-        for i in 1..=10 {
-            cluster.send(&mut core, i, &format!("m{i}"), &format!("id{i}"));
-        }
+        cluster.send_numbered(&mut core, 10);
         assert_eq!(core.commit(), 10);
         assert_eq!(core.horizon(), 8, "the newest 3 are kept");
         let kept: Vec<(u64, String)> = (8..=10).map(|s| (s, format!("m{s}"))).collect();
@@ -2429,6 +2449,41 @@ mod tests {
             cluster.stored("b"),
             (9..=11).map(|s| (s, format!("m{s}"))).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn a_subscription_from_below_the_horizon_is_told_where_the_log_starts_before_the_resend() {
+        let mut cluster = Cluster::new();
+        let mut core = cluster.keeping(3);
+        cluster.send_numbered(&mut core, 10);
+        assert_eq!(core.horizon(), 8);
+        let mut subscribe = |cluster: &mut Cluster, cursor: u64| {
+            cluster.to_hubs.clear();
+            let message = ToRoom::Subscribe {
+                node: node("c"),
+                cursor,
+                sessions: vec![(1, user())],
+            };
+            core.on_peer(message, cluster.now, cluster.now, 1_000);
+            cluster.settle(&mut core);
+            std::mem::take(&mut cluster.to_hubs)
+                .into_iter()
+                .filter(|(to, _)| *to == node("c"))
+                .map(|(_, message)| match message {
+                    ToHub::Horizon { horizon, .. } => format!("horizon {horizon}"),
+                    ToHub::Fanout { entries, .. } => format!("fanout {:?}", seqs(&entries)),
+                    other => format!("{other:?}"),
+                })
+                .collect::<Vec<_>>()
+        };
+        // 3..=7 were dropped: the node is told so first, then gets the rest.
+        assert_eq!(
+            subscribe(&mut cluster, 2),
+            ["horizon 8", "fanout [8, 9, 10]"]
+        );
+        // From just below the horizon nothing it asked for is gone.
+        assert_eq!(subscribe(&mut cluster, 7), ["fanout [8, 9, 10]"]);
+        assert!(subscribe(&mut cluster, 10).is_empty());
     }
 
     #[test]

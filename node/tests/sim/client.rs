@@ -30,6 +30,9 @@ pub enum ToClient {
     },
     /// Messages of a room (live, or the catch-up of a join).
     Entries { room: RoomId, entries: Vec<Entry> },
+    /// Messages of a joined room this connection had not received were dropped by retention:
+    /// the next ones start at `horizon`.
+    Horizon { room: RoomId, horizon: u64 },
     /// The connection closed (the node went away, or refused it).
     Closed,
 }
@@ -342,6 +345,22 @@ impl Client {
                 for entry in &entries {
                     checker.observe(&room, entry, &format!("{who} live"));
                     self.receive(&room, entry.seq, &who, checker);
+                }
+            }
+            ToClient::Horizon { room, horizon } => {
+                if !self.rooms.contains(&room) {
+                    return;
+                }
+                checker.horizon(&room, horizon);
+                match self.streams.get_mut(&room) {
+                    Some(Stream::Live { pos, .. }) => {
+                        *pos = (*pos).max(horizon.saturating_sub(1));
+                        let seen = self.seen.entry(room).or_insert(0);
+                        *seen = (*seen).max(*pos);
+                    }
+                    other => checker.violate(format!(
+                        "{who}: told {room}'s horizon #{horizon} while not joined ({other:?})"
+                    )),
                 }
             }
             ToClient::Reply { reference, reply } => {

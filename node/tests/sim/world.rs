@@ -87,10 +87,7 @@ impl Settings {
             flaw: None,
             trace: false,
             // Drawn last, so that the rest of each seed's workload is what it was without it.
-            // Opt-in for now (`SIM_RETENTION=1`): a node whose cursor fell below the horizon
-            // while its room moved is not brought past the gap yet (seed 15 shows it).
-            retention: (rng.chance(0.5) && std::env::var("SIM_RETENTION").is_ok_and(|v| v == "1"))
-                .then(|| 3 + rng.range(0, 30)),
+            retention: rng.chance(0.5).then(|| 3 + rng.range(0, 30)),
         }
     }
 
@@ -1627,6 +1624,21 @@ impl World {
                     } => {
                         if let Some((client, conn)) = self.session(node, session) {
                             self.tell_client(client, conn, ToClient::Entries { room, entries });
+                        }
+                    }
+                    HubEffect::Horizon {
+                        room,
+                        horizon,
+                        sessions,
+                    } => {
+                        for session in sessions {
+                            if let Some((client, conn)) = self.session(node, session) {
+                                let event = ToClient::Horizon {
+                                    room: room.clone(),
+                                    horizon,
+                                };
+                                self.tell_client(client, conn, event);
+                            }
                         }
                     }
                     HubEffect::Presence { .. } | HubEffect::Direct { .. } => {}
