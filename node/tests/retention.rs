@@ -1,6 +1,7 @@
 //! Retention on the real binary: a node started with `--retention-messages` keeps a room's log at
 //! its bound on disk (compaction), and `history` and `join` below the horizon say where the log
-//! now starts (docs/protocol.md, "Retention").
+//! now starts (docs/protocol.md, "Retention"); a room named in the config file's
+//! `[retention-rooms]` keeps its own bound.
 
 #![allow(clippy::expect_used)]
 
@@ -117,4 +118,46 @@ async fn a_room_at_its_retention_bound_stops_growing_on_disk() {
         stored <= KEEP + COMPACT_PER_BATCH as u64,
         "{stored} entries stored"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_room_named_in_the_config_file_keeps_its_own_retention() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("chat.toml");
+    std::fs::write(&file, "[retention-rooms]\nsmall = { messages = 3 }\n").expect("config");
+    let file = file.to_str().expect("utf-8 path");
+    let node = NodeProcess::start("n1", &["--config", file, "--retention-messages", "100"]);
+    let mut client = Client::connect(node.http, "alice").await;
+    for (n, room) in ["small", "large"].into_iter().enumerate() {
+        let n = n as u64 * 100;
+        client
+            .send(json!({"type": "join", "ref": n, "room": room}))
+            .await;
+        reply(&mut client, n).await;
+        for i in 1..=10 {
+            client
+                .send(json!({"type": "send", "ref": n + i, "room": room, "text": "hi"}))
+                .await;
+            assert_eq!(reply(&mut client, n + i).await["seq"], i);
+        }
+    }
+    let history = |reference: u64, room: &str| json!({"type": "history", "ref": reference, "room": room, "limit": 50});
+    // The last trim is recorded just after the last ack: poll for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    for reference in 1000.. {
+        client.send(history(reference, "small")).await;
+        let small = reply(&mut client, reference).await;
+        if small["horizon"] == 8 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the override keeps 3: {small}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    client.send(history(1, "large")).await;
+    let large = reply(&mut client, 1).await;
+    assert!(large.get("horizon").is_none(), "{large}");
+    assert_eq!(large["messages"].as_array().expect("messages").len(), 10);
 }
