@@ -270,6 +270,20 @@ impl HubState {
                     outbox.push_batch(frames);
                 }
             }
+            HubEffect::Horizon {
+                room,
+                horizon,
+                sessions,
+            } => {
+                let frame = Utf8Bytes::from(
+                    ServerFrame::Horizon {
+                        room: room.as_str(),
+                        horizon,
+                    }
+                    .to_json(),
+                );
+                self.push_all(&sessions, &frame);
+            }
             HubEffect::Presence {
                 room,
                 user,
@@ -326,12 +340,14 @@ impl HubState {
             // Cut off (too slow, or gone): rendering a long history for it would be waste.
             return;
         }
+        let (reply, horizon) = reply.split_horizon();
         let frame = match reply {
             Reply::Joined { room, seq, replay } => {
                 let frame = ServerFrame::Joined {
                     reference,
                     room: room.as_str(),
                     seq,
+                    horizon,
                 }
                 .to_json();
                 // The reply and its replay take one slot of the client's queue.
@@ -363,9 +379,12 @@ impl HubState {
                     reference,
                     room: room.as_str(),
                     messages: &views,
+                    horizon,
                 }
                 .to_json()
             }
+            // Split into the plain replies and their horizon above.
+            Reply::JoinedBelowHorizon { .. } | Reply::HistoryBelowHorizon { .. } => return,
             Reply::Members { room, users } => {
                 let users: Vec<&str> = users.iter().map(UserName::as_str).collect();
                 ServerFrame::Members {

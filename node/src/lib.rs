@@ -206,6 +206,7 @@ pub async fn start_node(settings: Settings) -> anyhow::Result<NodeHandle> {
         replay_cap: settings.replay_cap,
         idle: Duration::from_millis(settings.room_idle_ms),
         queue_timeout: Duration::from_millis(settings.request_timeout_ms * 4 / 5),
+        retention: settings.retention(),
         flaw: None,
     };
     let hub = Slot::default();

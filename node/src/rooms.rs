@@ -16,10 +16,12 @@
 //! - [`keeper`]: the LogKeeper: its pure core and its actor.
 //! - [`log`]: the pure rules of the replicated log (promises, appends, choosing the best log).
 //! - [`members`]: the pure bookkeeping of a room's connections and presence.
+//! - [`retention`]: the pure rule of how much of a room's log to keep (its horizon).
 
 pub mod core;
 pub mod host;
 pub mod keeper;
 pub mod log;
 pub mod members;
+pub mod retention;
 pub mod room;

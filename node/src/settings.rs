@@ -13,25 +13,32 @@
 //! file and the environment are its sources, and only the flags actually given on the command
 //! line become overrides, so a flag's absence never masks a variable or the file.
 //!
+//! One key is read from the file only: `[retention-rooms]`, a table of per-room retention
+//! overrides ([`FILE_ONLY_KEYS`]), which has no flag or variable form.
+//!
 //! A key in the file that is not a setting is an error naming the key, so a typo cannot be
 //! silently ignored; `CHAT_*` variables that are not settings are ignored. After layering,
 //! [`Settings::validate`] checks ranges and the rules between settings; each
 //! [`SettingsError`] names the offending key. `deploy/config/default.toml` documents every key
 //! with its default, and a test keeps it in step with this file.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context as _;
-use chat_protocol::NodeName;
+use chat_protocol::{NodeName, RoomId};
 use clap::Parser as _;
 use config::{
     Case, Config, ConfigBuilder, ConfigError, Environment, FileFormat, Map, Source, Value,
 };
 use serde::Deserialize;
+
+use crate::rooms::retention::{Retention, RetentionPolicy};
 
 /// Default values of the settings that have a fixed default.
 ///
@@ -85,6 +92,10 @@ pub mod defaults {
     pub const BOOTSTRAP_EXPECT: usize = 1;
     /// `shutdown-grace-ms`: how long graceful shutdown waits.
     pub const SHUTDOWN_GRACE_MS: u64 = 5_000;
+    /// `retention-messages`: the newest messages kept per room; 0 keeps every message.
+    pub const RETENTION_MESSAGES: u64 = 0;
+    /// `retention-age-secs`: messages older than this are dropped; 0 keeps them however old.
+    pub const RETENTION_AGE_SECS: u64 = 0;
 }
 
 /// Every setting's key, as a flag name and a config-file key.
@@ -124,7 +135,16 @@ const KEYS: &[&str] = &[
     "bootstrap-expect",
     "log-format",
     "shutdown-grace-ms",
+    "retention-messages",
+    "retention-age-secs",
 ];
+
+/// Settings read from the config file only: their values are tables, which neither a flag nor a
+/// `CHAT_*` variable can carry.
+pub const FILE_ONLY_KEYS: &[&str] = &["retention-rooms"];
+
+/// The variable that would name [`FILE_ONLY_KEYS`]' `retention-rooms`: refused, not ignored.
+const RETENTION_ROOMS_VAR: &str = "CHAT_RETENTION_ROOMS";
 
 /// Prefix of the environment variables that carry settings.
 const ENV_PREFIX: &str = "CHAT_";
@@ -133,6 +153,8 @@ const CONFIG_VAR: &str = "CHAT_CONFIG";
 /// The shortest cookie accepted, in bytes: a short one could be guessed from a captured
 /// challenge.
 const MIN_COOKIE_BYTES: usize = 16;
+/// The longest `retention-age-secs`: a hundred years, far from overflowing milliseconds.
+const MAX_RETENTION_AGE_SECS: u64 = 100 * 365 * 24 * 3600;
 /// What `Debug` prints instead of a secret.
 const REDACTED: &str = "***";
 /// `failure-timeout-ms` must exceed this many heartbeat intervals, so that a few lost or late
@@ -220,6 +242,26 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// `shutdown-grace-ms`: how long graceful shutdown waits for clients and storage.
     pub shutdown_grace_ms: u64,
+    /// `retention-messages`: keep at most the newest this many messages of each room; older
+    /// ones are dropped from every copy and `history` says where the room's log now starts.
+    /// 0 keeps every message.
+    pub retention_messages: u64,
+    /// `retention-age-secs`: drop messages older than this many seconds (checked as rooms
+    /// commit messages); 0 keeps them however old.
+    pub retention_age_secs: u64,
+    /// `[retention-rooms]` (config file only): per-room overrides of the two above.
+    pub retention_rooms: BTreeMap<RoomId, RoomRetention>,
+}
+
+/// One room's entry in `[retention-rooms]`: a bound not given is the node-wide one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RoomRetention {
+    /// `messages`: keep at most the newest this many of the room's messages (0: all).
+    pub messages: Option<u64>,
+    /// `age-secs`: drop the room's messages older than this many seconds (0: however old).
+    #[serde(alias = "age_secs")]
+    pub age_secs: Option<u64>,
 }
 
 /// How the node writes its logs (`log-format`).
@@ -456,6 +498,12 @@ pub struct Cli {
     /// How long graceful shutdown waits for clients and storage [default: 5000]
     #[arg(long, value_name = "MS")]
     pub shutdown_grace_ms: Option<u64>,
+    /// Newest messages kept per room; older ones are dropped; 0 = keep all [default: 0]
+    #[arg(long, value_name = "MESSAGES")]
+    pub retention_messages: Option<u64>,
+    /// Messages older than this are dropped; 0 = keep them however old [default: 0]
+    #[arg(long, value_name = "SECONDS")]
+    pub retention_age_secs: Option<u64>,
 }
 
 impl Settings {
@@ -489,14 +537,24 @@ impl Settings {
             .clone()
             .or_else(|| env_var(env, CONFIG_VAR).map(PathBuf::from));
         let mut builder = with_defaults(Config::builder())?;
+        let mut file_only = FileOnly::default();
         if let Some(path) = &config_file {
-            builder = builder.add_source(read_config_file(path)?);
+            let (layer, only) = read_config_file(path)?;
+            builder = builder.add_source(layer);
+            file_only = only;
+        }
+        if env_var(env, RETENTION_ROOMS_VAR).is_some() {
+            return Err(invalid(
+                "retention-rooms",
+                format!("is read from the config file only, not from {RETENTION_ROOMS_VAR}"),
+            )
+            .into());
         }
         builder = with_flags(builder.add_source(env_source(env)), cli)?;
         // Type errors name the key and where the value came from, e.g. "invalid type: string
         // \"lots\", expected an integer for key `max-frame-bytes` in the environment".
         let layered: Layered = builder.build()?.try_deserialize()?;
-        let settings = layered.resolve(env)?;
+        let settings = layered.resolve(env, file_only)?;
         settings.validate()?;
         Ok(settings)
     }
@@ -602,7 +660,36 @@ impl Settings {
             ));
         }
         at_least("bootstrap-expect", wide(self.bootstrap_expect), 1)?;
+        check_range(
+            "retention-age-secs",
+            self.retention_age_secs,
+            0..=MAX_RETENTION_AGE_SECS,
+        )?;
+        for age_secs in self.retention_rooms.values().filter_map(|r| r.age_secs) {
+            check_range("retention-rooms", age_secs, 0..=MAX_RETENTION_AGE_SECS)?;
+        }
         Ok(())
+    }
+
+    /// How much of each room's log to keep: the node-wide bounds, overridden per room.
+    pub fn retention(&self) -> RetentionPolicy {
+        let retention = |messages: u64, age_secs: u64| Retention {
+            messages,
+            age_ms: age_secs.saturating_mul(1000),
+        };
+        let rooms = self
+            .retention_rooms
+            .iter()
+            .map(|(room, over)| {
+                let messages = over.messages.unwrap_or(self.retention_messages);
+                let age_secs = over.age_secs.unwrap_or(self.retention_age_secs);
+                (room.clone(), retention(messages, age_secs))
+            })
+            .collect();
+        RetentionPolicy {
+            default: retention(self.retention_messages, self.retention_age_secs),
+            rooms: Arc::new(rooms),
+        }
     }
 
     /// Settings of a single node for tests: name `n1`, listening on `127.0.0.1:0`, every other
@@ -648,6 +735,9 @@ impl Settings {
             bootstrap_expect: defaults::BOOTSTRAP_EXPECT,
             log_format: LogFormat::Text,
             shutdown_grace_ms: defaults::SHUTDOWN_GRACE_MS,
+            retention_messages: defaults::RETENTION_MESSAGES,
+            retention_age_secs: defaults::RETENTION_AGE_SECS,
+            retention_rooms: BTreeMap::new(),
         }
     }
 
@@ -742,6 +832,9 @@ impl fmt::Debug for Settings {
             .field("bootstrap_expect", &self.bootstrap_expect)
             .field("log_format", &self.log_format)
             .field("shutdown_grace_ms", &self.shutdown_grace_ms)
+            .field("retention_messages", &self.retention_messages)
+            .field("retention_age_secs", &self.retention_age_secs)
+            .field("retention_rooms", &self.retention_rooms)
             .finish()
     }
 }
@@ -786,11 +879,17 @@ struct Layered {
     bootstrap_expect: usize,
     log_format: LogFormat,
     shutdown_grace_ms: u64,
+    retention_messages: u64,
+    retention_age_secs: u64,
 }
 
 impl Layered {
     /// Validates the name and fills in the name and data directory defaults.
-    fn resolve(self, env: &[(String, String)]) -> Result<Settings, SettingsError> {
+    fn resolve(
+        self,
+        env: &[(String, String)],
+        file_only: FileOnly,
+    ) -> Result<Settings, SettingsError> {
         let name = match self.name {
             Some(name) => NodeName::new(&name)
                 .map_err(|err| invalid("name", format!("{err} (got `{name}`)")))?,
@@ -840,6 +939,9 @@ impl Layered {
             bootstrap_expect: self.bootstrap_expect,
             log_format: self.log_format,
             shutdown_grace_ms: self.shutdown_grace_ms,
+            retention_messages: self.retention_messages,
+            retention_age_secs: self.retention_age_secs,
+            retention_rooms: file_only.retention_rooms,
         })
     }
 }
@@ -881,7 +983,9 @@ fn with_defaults(builder: Builder) -> Result<Builder, ConfigError> {
         .set_default("room-idle-ms", defaults::ROOM_IDLE_MS)?
         .set_default("bootstrap-expect", wide(defaults::BOOTSTRAP_EXPECT))?
         .set_default("log-format", LogFormat::default().as_str())?
-        .set_default("shutdown-grace-ms", defaults::SHUTDOWN_GRACE_MS)
+        .set_default("shutdown-grace-ms", defaults::SHUTDOWN_GRACE_MS)?
+        .set_default("retention-messages", defaults::RETENTION_MESSAGES)?
+        .set_default("retention-age-secs", defaults::RETENTION_AGE_SECS)
 }
 
 /// The top layer: the flags given on the command line, and only those.
@@ -930,7 +1034,9 @@ fn with_flags(builder: Builder, cli: Cli) -> Result<Builder, ConfigError> {
         .set_override_option("room-idle-ms", cli.room_idle_ms)?
         .set_override_option("bootstrap-expect", cli.bootstrap_expect.map(wide))?
         .set_override_option("log-format", cli.log_format.map(LogFormat::as_str))?
-        .set_override_option("shutdown-grace-ms", cli.shutdown_grace_ms)
+        .set_override_option("shutdown-grace-ms", cli.shutdown_grace_ms)?
+        .set_override_option("retention-messages", cli.retention_messages)?
+        .set_override_option("retention-age-secs", cli.retention_age_secs)
 }
 
 /// The `CHAT_*` variables of `env` as a source, with keys turned into kebab-case.
@@ -963,8 +1069,14 @@ impl Source for Layer {
     }
 }
 
+/// What the config file holds besides the layered settings ([`FILE_ONLY_KEYS`]).
+#[derive(Debug, Default)]
+struct FileOnly {
+    retention_rooms: BTreeMap<RoomId, RoomRetention>,
+}
+
 /// Reads the TOML config file at `path`, with keys in kebab-case; unknown keys are an error.
-fn read_config_file(path: &Path) -> anyhow::Result<Layer> {
+fn read_config_file(path: &Path) -> anyhow::Result<(Layer, FileOnly)> {
     // Checked here because `config::File` would otherwise also try `path` + `.toml` etc.
     if !path.is_file() {
         anyhow::bail!(
@@ -972,11 +1084,39 @@ fn read_config_file(path: &Path) -> anyhow::Result<Layer> {
             path.display()
         );
     }
-    let table = config::File::from(path)
+    let mut table = config::File::from(path)
         .format(FileFormat::Toml)
         .collect()
         .with_context(|| format!("cannot read config file {}", path.display()))?;
-    Ok(Layer(normalize_file_keys(table, path)?))
+    let file_only = take_file_only(&mut table, path)?;
+    Ok((Layer(normalize_file_keys(table, path)?), file_only))
+}
+
+/// Takes the [`FILE_ONLY_KEYS`] out of the file's `table`, checked, before the rest is layered.
+fn take_file_only(table: &mut Map<String, Value>, file: &Path) -> Result<FileOnly, SettingsError> {
+    let key = "retention-rooms";
+    let value = match (table.remove(key), table.remove("retention_rooms")) {
+        (Some(_), Some(_)) => {
+            return Err(SettingsError::DuplicateKey {
+                key: key.to_owned(),
+                file: file.to_owned(),
+            });
+        }
+        (Some(value), None) | (None, Some(value)) => value,
+        (None, None) => return Ok(FileOnly::default()),
+    };
+    let rooms: BTreeMap<String, RoomRetention> = value.try_deserialize().map_err(|err| {
+        invalid(
+            key,
+            format!("must be a table of rooms, each `{{ messages = N, age-secs = S }}` ({err})"),
+        )
+    })?;
+    let mut retention_rooms = BTreeMap::new();
+    for (room, retention) in rooms {
+        let id = RoomId::new(&room).map_err(|err| invalid(key, format!("room `{room}`: {err}")))?;
+        retention_rooms.insert(id, retention);
+    }
+    Ok(FileOnly { retention_rooms })
 }
 
 /// Turns snake_case keys into kebab-case and refuses keys that are not settings.
@@ -1378,6 +1518,8 @@ mod tests {
         ("bootstrap-expect", "3"),
         ("log-format", "json"),
         ("shutdown-grace-ms", "777"),
+        ("retention-messages", "1000"),
+        ("retention-age-secs", "86400"),
     ];
 
     fn non_default_settings() -> Settings {
@@ -1415,6 +1557,9 @@ mod tests {
             bootstrap_expect: 3,
             log_format: LogFormat::Json,
             shutdown_grace_ms: 777,
+            retention_messages: 1000,
+            retention_age_secs: 86400,
+            retention_rooms: BTreeMap::new(),
         }
     }
 
@@ -1583,6 +1728,51 @@ mod tests {
             settings_error(&["--config", file.path()], &[]).key(),
             "cluster"
         );
+    }
+
+    #[test]
+    fn retention_rooms_override_the_node_wide_retention_from_the_file_only() {
+        let file = TempToml::new(
+            "retention-messages = 500\n\
+             [retention-rooms]\n\
+             Lobby = { messages = 10 }\n\
+             \"audit.log\" = { age-secs = 3600 }\n\
+             chat_2 = { messages = 0, age_secs = 60 }\n",
+        );
+        let settings = load_ok(
+            &["--config", file.path()],
+            &[("CHAT_RETENTION_AGE_SECS", "7")],
+        );
+        let policy = settings.retention();
+        let room = |name: &str| RoomId::new(name).unwrap();
+        let retention = |messages, age_ms| Retention { messages, age_ms };
+        assert_eq!(policy.of(&room("Lobby")), retention(10, 7_000));
+        assert_eq!(
+            policy.of(&room("lobby")),
+            retention(500, 7_000),
+            "names keep their case"
+        );
+        assert_eq!(policy.of(&room("audit.log")), retention(500, 3_600_000));
+        assert_eq!(policy.of(&room("chat_2")), retention(0, 60_000));
+        assert_eq!(policy.of(&room("other")), retention(500, 7_000));
+        // A table has no variable form: the variable is refused, not ignored.
+        let err = settings_error(&[], &[("CHAT_RETENTION_ROOMS", "lobby=1")]);
+        assert_eq!(err.key(), "retention-rooms");
+    }
+
+    #[test]
+    fn a_bad_retention_rooms_entry_is_an_error_naming_the_key() {
+        for toml in [
+            "[retention-rooms]\n\"no spaces\" = { messages = 1 }\n",
+            "[retention-rooms]\nlobby = { message = 1 }\n",
+            "[retention-rooms]\nlobby = 5\n",
+            "retention-rooms = 5\n",
+            "[retention-rooms]\nlobby = { age-secs = 99999999999 }\n",
+        ] {
+            let file = TempToml::new(toml);
+            let err = settings_error(&["--config", file.path()], &[]);
+            assert_eq!(err.key(), "retention-rooms", "{toml}: {err}");
+        }
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! - `entries`: `(room, seq)` → an encoded [`Entry`].
 //! - `logs`: `room` → the node's [`LogState`] for that room (promised epoch, last seq, runs,
 //!   placement).
+//! - `horizons`: `room` → the node's [`Horizon`] for that room (what retention dropped), for
+//!   rooms that were ever trimmed.
 //! - `node`: small facts about this node (incarnation, known members).
 //!
 //! The store is dumb on purpose: it writes what it is told. Deciding *whether* a write is
@@ -30,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use chat_protocol::RoomId;
 use chat_protocol::codec;
-use chat_protocol::peer::{Entry, LogState};
+use chat_protocol::peer::{Entry, Horizon, LogState};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::metrics::Metrics;
@@ -38,6 +40,7 @@ use crate::metrics::Metrics;
 const ENTRIES: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("entries");
 const LOGS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("logs");
 const NODE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("node");
+const HORIZONS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("horizons");
 
 /// The first byte of every stored value. Format 1 wrote room log states without `synced`; they
 /// are read and converted (values are rewritten in format 2 as rooms write again).
@@ -45,6 +48,10 @@ const STORE_VERSION: u8 = 2;
 
 /// Writes handed to the writer thread at most per transaction; bounds a commit's latency.
 const MAX_BATCH: usize = 4096;
+
+/// Entries below a horizon deleted per transaction, at most: bounds what compaction adds to a
+/// commit's latency.
+pub const COMPACT_PER_BATCH: usize = 2048;
 
 /// While the store is unwritable, the writer tries a small write this often.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
@@ -94,6 +101,18 @@ pub enum Write {
         truncate_after: Option<u64>,
         /// Entries to insert.
         entries: Vec<Entry>,
+    },
+    /// Records a room's horizon (retention) and log state: drop entries after `truncate_after`
+    /// (if set) at once, and entries below `horizon.compacted` over the next transactions.
+    Trim {
+        /// The room.
+        room: RoomId,
+        /// The log state after this write.
+        state: LogState,
+        /// What retention dropped.
+        horizon: Horizon,
+        /// Remove entries with a greater seq first.
+        truncate_after: Option<u64>,
     },
     /// Records a fact about this node (e.g. `members`), as encoded bytes.
     Node {
@@ -188,6 +207,7 @@ impl Store {
         let memory = {
             txn.open_table(ENTRIES).map_err(db_err)?;
             txn.open_table(LOGS).map_err(db_err)?;
+            txn.open_table(HORIZONS).map_err(db_err)?;
             let mut node = txn.open_table(NODE).map_err(db_err)?;
             if fresh {
                 node.insert(MEMORY_KEY, encode(&Memory::Unknown)?.as_slice())
@@ -307,6 +327,48 @@ impl Store {
             Some(value) => decode_log_state(value.value()),
             None => Ok(LogState::default()),
         }
+    }
+
+    /// What retention dropped from this node's copy of `room` (nothing when never trimmed).
+    pub fn horizon(&self, room: &RoomId) -> Result<Horizon, StoreError> {
+        // The handle outlives the transaction, so that a reopen waits for it.
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(HORIZONS).map_err(db_err)?;
+        match table.get(room.as_str()).map_err(db_err)? {
+            Some(value) => decode(value.value()),
+            None => Ok(Horizon::default()),
+        }
+    }
+
+    /// Every room ever trimmed, with the seq below which its entries are to be deleted.
+    fn compactions(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(HORIZONS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(db_err)? {
+            let (key, value) = item.map_err(db_err)?;
+            let horizon: Horizon = decode(value.value())?;
+            out.push((key.value().to_owned(), horizon.compacted));
+        }
+        Ok(out)
+    }
+
+    /// How many entries of `room` the store holds (a full scan: for tests and tools).
+    pub fn count_entries(&self, room: &RoomId) -> Result<u64, StoreError> {
+        let db = self.db()?;
+        let txn = db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(ENTRIES).map_err(db_err)?;
+        let mut count = 0;
+        for item in table
+            .range((room.as_str(), 0)..=(room.as_str(), u64::MAX))
+            .map_err(db_err)?
+        {
+            item.map_err(db_err)?;
+            count += 1;
+        }
+        Ok(count)
     }
 
     /// Every room this node holds a log for, with its state.
@@ -432,13 +494,38 @@ impl Store {
 
     /// Applies `writes` in one durable transaction.
     pub fn apply(&self, writes: &[Write]) -> Result<(), StoreError> {
+        self.apply_compacting(writes, &mut Compaction::default())
+    }
+
+    /// Applies `writes` in one durable transaction, with a bounded step of `compaction`; the
+    /// step is kept only if the transaction commits.
+    fn apply_compacting(
+        &self,
+        writes: &[Write],
+        compaction: &mut Compaction,
+    ) -> Result<(), StoreError> {
         // The handle outlives the transaction, so that a reopen waits for it.
         let db = self.db()?;
         let txn = db.begin_write().map_err(db_err)?;
+        let mut next = compaction.clone();
         {
             let mut entries = txn.open_table(ENTRIES).map_err(db_err)?;
             let mut logs = txn.open_table(LOGS).map_err(db_err)?;
+            let mut horizons = txn.open_table(HORIZONS).map_err(db_err)?;
             let mut node = txn.open_table(NODE).map_err(db_err)?;
+            let truncate = |entries: &mut redb::Table<'_, (&str, u64), &[u8]>,
+                            room: &str,
+                            after: Option<u64>| {
+                match after {
+                    Some(after) => entries
+                        .retain_in(
+                            (room, after.saturating_add(1))..=(room, u64::MAX),
+                            |_, _| false,
+                        )
+                        .map_err(db_err),
+                    None => Ok(()),
+                }
+            };
             for write in writes {
                 match write {
                     Write::Log {
@@ -448,15 +535,10 @@ impl Store {
                         entries: new,
                     } => {
                         let room = room.as_str();
-                        if let Some(after) = truncate_after {
-                            entries
-                                .retain_in(
-                                    (room, after.saturating_add(1))..=(room, u64::MAX),
-                                    |_, _| false,
-                                )
-                                .map_err(db_err)?;
-                        }
-                        for entry in new {
+                        truncate(&mut entries, room, *truncate_after)?;
+                        // Entries below the deletion point are not stored again.
+                        let below = next.pending.get(room).copied().unwrap_or(0);
+                        for entry in new.iter().filter(|e| e.seq >= below) {
                             let bytes = encode(entry)?;
                             entries
                                 .insert((room, entry.seq), bytes.as_slice())
@@ -465,13 +547,80 @@ impl Store {
                         logs.insert(room, encode(state)?.as_slice())
                             .map_err(db_err)?;
                     }
+                    Write::Trim {
+                        room,
+                        state,
+                        horizon,
+                        truncate_after,
+                    } => {
+                        let room = room.as_str();
+                        truncate(&mut entries, room, *truncate_after)?;
+                        logs.insert(room, encode(state)?.as_slice())
+                            .map_err(db_err)?;
+                        horizons
+                            .insert(room, encode(horizon)?.as_slice())
+                            .map_err(db_err)?;
+                        next.add(room, horizon.compacted);
+                    }
                     Write::Node { key, value } => {
                         node.insert(*key, value.as_slice()).map_err(db_err)?;
                     }
                 }
             }
+            next.step(&mut entries, COMPACT_PER_BATCH)?;
         }
-        txn.commit().map_err(db_err)
+        txn.commit().map_err(db_err)?;
+        *compaction = next;
+        Ok(())
+    }
+}
+
+/// The deletions of entries below horizons still to do: room → delete entries with a smaller
+/// seq. Lives on the writer thread; rebuilt from the `horizons` table when the writer starts.
+#[derive(Debug, Clone, Default)]
+struct Compaction {
+    pending: std::collections::BTreeMap<String, u64>,
+}
+
+impl Compaction {
+    fn add(&mut self, room: &str, below: u64) {
+        let at = self.pending.entry(room.to_owned()).or_insert(0);
+        *at = (*at).max(below);
+    }
+
+    fn is_done(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Deletes at most `budget` entries below the pending points; forgets the rooms done.
+    fn step(
+        &mut self,
+        entries: &mut redb::Table<'_, (&str, u64), &[u8]>,
+        mut budget: usize,
+    ) -> Result<(), StoreError> {
+        let mut done = Vec::new();
+        for (room, &below) in &self.pending {
+            if budget == 0 {
+                break;
+            }
+            let seqs: Vec<u64> = entries
+                .range((room.as_str(), 0)..(room.as_str(), below))
+                .map_err(db_err)?
+                .take(budget)
+                .map(|item| item.map(|(key, _)| key.value().1).map_err(db_err))
+                .collect::<Result<_, _>>()?;
+            for &seq in &seqs {
+                entries.remove((room.as_str(), seq)).map_err(db_err)?;
+            }
+            budget -= seqs.len();
+            if budget > 0 {
+                done.push(room.clone());
+            }
+        }
+        for room in done {
+            self.pending.remove(&room);
+        }
+        Ok(())
     }
 }
 
@@ -588,8 +737,36 @@ fn run_writer(store: &Store, metrics: &Metrics, rx: &mpsc::Receiver<Queued>) {
     metrics.store_writable.set(i64::from(store.writable()));
     let mut batch: Vec<Queued> = Vec::with_capacity(MAX_BATCH);
     let mut writes: Vec<Write> = Vec::with_capacity(MAX_BATCH);
+    let mut compaction = Compaction::default();
+    match store.compactions() {
+        Ok(rooms) => {
+            for (room, below) in rooms {
+                compaction.add(&room, below);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "pending compactions unreadable; they resume with the next trims")
+        }
+    }
     loop {
-        let first = if store.writable() {
+        let first = if store.writable() && !compaction.is_done() {
+            // Compaction left to do: a transaction of it alone when no write is waiting.
+            match rx.try_recv() {
+                Ok(queued) => Some(queued),
+                Err(mpsc::TryRecvError::Empty) => {
+                    if let Err(e) = store.apply_compacting(&[], &mut compaction) {
+                        tracing::warn!(error = %e, "compaction failed; retrying with the next writes");
+                        match rx.recv() {
+                            Ok(queued) => Some(queued),
+                            Err(_) => return,
+                        }
+                    } else {
+                        continue;
+                    }
+                }
+                Err(mpsc::TryRecvError::Disconnected) => return,
+            }
+        } else if store.writable() {
             match rx.recv() {
                 Ok(queued) => Some(queued),
                 Err(_) => return,
@@ -629,7 +806,7 @@ fn run_writer(store: &Store, metrics: &Metrics, rx: &mpsc::Receiver<Queued>) {
         }
         let result = if store.writable() {
             let started = Instant::now();
-            let result = store.apply(&writes);
+            let result = store.apply_compacting(&writes, &mut compaction);
             metrics
                 .store_commit_seconds
                 .observe(started.elapsed().as_secs_f64());

@@ -12,6 +12,8 @@
 //!
 //! `SIM_SEEDS` is how many seeds run (default 2000), from `SIM_FIRST` (default 0); `SIM_SEED`
 //! runs that one seed only, and `SIM_TRACE=1` prints every event of it.
+//! Room `r0` of half the seeds has a small retention (3–32 messages): the checker then accepts
+//! messages gone below the horizon, and requires every acknowledged one at or above it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -151,7 +153,7 @@ fn run(settings: Settings) -> Outcome {
         violations: world.checker.violations.clone(),
         summary: format!(
             "seed {seed}: {} nodes (+{} spare), rf {}, {} rooms, {} clients, {:.0}s: {acked} acked, \
-             {} unavailable, {} reconnects, {} stale joins; faults {:?}",
+             {} unavailable, {} reconnects, {} stale joins; retention {:?}; faults {:?}",
             world.settings.nodes,
             world.settings.spares,
             world.settings.replication_factor,
@@ -161,6 +163,7 @@ fn run(settings: Settings) -> Outcome {
             stats.0,
             stats.1,
             stats.2,
+            world.settings.retention,
             world.faults
         ),
         events: world.events,
@@ -300,6 +303,7 @@ fn double_fault_fork(flaw: Option<Flaw>) -> Vec<String> {
         faults: false,
         flaw,
         trace: std::env::var("SIM_TRACE").is_ok_and(|v| v == "1"),
+        retention: None,
     };
     let mut world = World::new(settings);
     assert!(

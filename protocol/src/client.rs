@@ -411,6 +411,10 @@ pub enum ServerFrame<'a> {
         room: &'a str,
         /// The room's latest sequence number when the join took effect.
         seq: u64,
+        /// The room's horizon, when `since` reached below it: the messages after `since` and
+        /// before this seq were dropped by retention.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        horizon: Option<u64>,
     },
     /// Reply to `leave`.
     Left {
@@ -441,6 +445,10 @@ pub enum ServerFrame<'a> {
         room: &'a str,
         /// Messages, oldest first.
         messages: &'a [MessageView<'a>],
+        /// The room's horizon (the smallest seq still kept), when the request reached below
+        /// it: older messages were dropped by retention.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        horizon: Option<u64>,
     },
     /// Reply to `who`.
     Members {
@@ -485,6 +493,15 @@ pub enum ServerFrame<'a> {
         user: &'a str,
         /// `join` or `leave`.
         event: PresenceEvent,
+    },
+    /// Messages of a joined room that this connection had not received yet were dropped by
+    /// retention (the node caught up with a room that moved): the next `message` of the room has
+    /// `seq >= horizon`.
+    Horizon {
+        /// The room.
+        room: &'a str,
+        /// The room's horizon, the smallest seq still kept.
+        horizon: u64,
     },
     /// A request failed.
     Error(ErrorFrame<'a>),
@@ -679,10 +696,21 @@ mod tests {
             ServerFrame::Joined {
                 reference: Some(&r),
                 room: "lobby",
-                seq: 57
+                seq: 57,
+                horizon: None,
             }
             .to_json(),
             r#"{"type":"joined","ref":1,"room":"lobby","seq":57}"#
+        );
+        assert_eq!(
+            ServerFrame::Joined {
+                reference: Some(&r),
+                room: "lobby",
+                seq: 57,
+                horizon: Some(40),
+            }
+            .to_json(),
+            r#"{"type":"joined","ref":1,"room":"lobby","seq":57,"horizon":40}"#
         );
         assert_eq!(
             ServerFrame::Ack {
@@ -709,10 +737,21 @@ mod tests {
             ServerFrame::History {
                 reference: None,
                 room: "lobby",
-                messages: &[m]
+                messages: &[m],
+                horizon: None,
             }
             .to_json(),
             r#"{"type":"history","room":"lobby","messages":[{"type":"message","room":"lobby","seq":58,"from":"alice","text":"hi","ts":1732240000000}]}"#
+        );
+        assert_eq!(
+            ServerFrame::History {
+                reference: None,
+                room: "lobby",
+                messages: &[],
+                horizon: Some(1234),
+            }
+            .to_json(),
+            r#"{"type":"history","room":"lobby","messages":[],"horizon":1234}"#
         );
         assert_eq!(
             ServerFrame::Error(ErrorFrame {
@@ -739,6 +778,14 @@ mod tests {
             }
             .to_json(),
             r#"{"type":"presence","room":"lobby","user":"bob","event":"join"}"#
+        );
+        assert_eq!(
+            ServerFrame::Horizon {
+                room: "lobby",
+                horizon: 1234
+            }
+            .to_json(),
+            r#"{"type":"horizon","room":"lobby","horizon":1234}"#
         );
     }
 }

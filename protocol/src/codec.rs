@@ -129,6 +129,12 @@ mod tests {
             hex(&encode(&fanout).unwrap()),
             "0202010172013a0303626f6202796ffd00c48c519301000001026331"
         );
+        // Added last to `ToHub`: the earlier variants keep their tags.
+        let horizon = PeerMessage::Hub(ToHub::Horizon {
+            room: RoomId::new("r").unwrap(),
+            horizon: 1234,
+        });
+        assert_eq!(hex(&encode(&horizon).unwrap()), "0202060172fbd204");
     }
 
     #[test]

@@ -109,6 +109,26 @@ pub enum AppendOutcome {
     /// other outcomes keep their bytes; a node from before it fails to decode it and drops it,
     /// which is what it did with a failed write before.)
     Unwritable,
+    /// Recorded durably: the copy holds the horizon `horizon` (what a [`ToKeeper::Trim`] asked,
+    /// or more). (Added last: only owners with retention send `Trim`.)
+    Trimmed {
+        /// The copy's horizon.
+        horizon: u64,
+    },
+}
+
+/// How much of a room's log retention dropped, as a copy records it (the default: nothing).
+///
+/// Entries with `seq < horizon` are gone for every client: the owner that declared the horizon
+/// made sure every node of its placement recorded it before serving it, and a new owner adopts the
+/// highest horizon its claim hears of. Entries with `seq < compacted` are deleted from the copy's
+/// store; `compacted <= horizon`, and `compacted` is only ever a horizon already served.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Horizon {
+    /// The smallest seq still served (0 and 1: nothing dropped).
+    pub horizon: u64,
+    /// The smallest seq the copy still stores.
+    pub compacted: u64,
 }
 
 /// A request to the owner of a room, from a connection on `origin.node`.
@@ -210,6 +230,49 @@ pub enum Reply {
         /// Human-readable detail.
         message: String,
     },
+    /// [`Reply::Joined`] for a join whose `since` reached below the room's horizon: the messages
+    /// after `since` and before `horizon` were dropped by retention. (Added last; sent only then.)
+    JoinedBelowHorizon {
+        /// The room.
+        room: RoomId,
+        /// The room's latest sequence number at the join.
+        seq: u64,
+        /// The replayed messages (none below `horizon`).
+        replay: Vec<Entry>,
+        /// The smallest seq still kept.
+        horizon: u64,
+    },
+    /// [`Reply::History`] for a request that reached below the room's horizon. (Added last; sent
+    /// only then.)
+    HistoryBelowHorizon {
+        /// The room.
+        room: RoomId,
+        /// The messages (none below `horizon`).
+        messages: Vec<Entry>,
+        /// The smallest seq still kept.
+        horizon: u64,
+    },
+}
+
+impl Reply {
+    /// A reply below a room's horizon as the plain reply and the horizon (`None` for every
+    /// other reply, returned as it is).
+    pub fn split_horizon(self) -> (Reply, Option<u64>) {
+        match self {
+            Reply::JoinedBelowHorizon {
+                room,
+                seq,
+                replay,
+                horizon,
+            } => (Reply::Joined { room, seq, replay }, Some(horizon)),
+            Reply::HistoryBelowHorizon {
+                room,
+                messages,
+                horizon,
+            } => (Reply::History { room, messages }, Some(horizon)),
+            reply => (reply, None),
+        }
+    }
 }
 
 /// What travels between two nodes' routers: a message and its sender.
@@ -301,7 +364,8 @@ pub enum ToRoom {
     },
     /// The sender's connections in the room, sent when the room's owner changed or the sender
     /// missed messages: the owner replaces the sender's members with these and re-sends every
-    /// message after `cursor`.
+    /// message after `cursor` (from its horizon on, announced first with [`ToHub::Horizon`], when
+    /// retention dropped some of them).
     Subscribe {
         /// The sending node.
         node: NodeName,
@@ -343,6 +407,22 @@ pub enum ToRoom {
         /// The entries, ascending.
         entries: Vec<Entry>,
     },
+    /// [`ToRoom::Promised`] from a copy that retention trimmed: the same, with the copy's
+    /// horizon. (Added last; a copy that never trimmed answers `Promised`.)
+    PromisedTrimmed {
+        /// The epoch that was asked for.
+        epoch: Epoch,
+        /// Whether the promise was given.
+        granted: bool,
+        /// The answering node.
+        node: NodeName,
+        /// The answering node's copy (as in `Promised`).
+        state: LogState,
+        /// The answering node lost its disk and was not synced for this room since.
+        recovering: bool,
+        /// What retention dropped from the copy.
+        horizon: Horizon,
+    },
 }
 
 impl ToRoom {
@@ -354,6 +434,7 @@ impl ToRoom {
             ToRoom::Promised { .. } => "promised",
             ToRoom::Appended { .. } => "appended",
             ToRoom::Fetched { .. } => "fetched",
+            ToRoom::PromisedTrimmed { .. } => "promised",
         }
     }
 }
@@ -406,6 +487,23 @@ pub enum ToKeeper {
         /// The last wanted sequence number.
         to_seq: u64,
     },
+    /// The owner of `epoch` declares the room's horizon (retention): the receiver records
+    /// `horizon` and deletes its entries below `compacted`. A copy that does not hold the owner's
+    /// log up to `compacted - 1` (it lacks it, or diverges: `runs` are the owner's up to there)
+    /// takes the owner's log up to there, without entries, and drops what it holds above: the
+    /// owner can no longer send those entries. (Added last: only owners with retention send it.)
+    Trim {
+        /// The room.
+        room: RoomId,
+        /// The writer's epoch.
+        epoch: Epoch,
+        /// The writer (where the answer goes).
+        owner: NodeName,
+        /// The horizon to record, and the deletion point.
+        horizon: Horizon,
+        /// The epochs of the owner's entries before `horizon.compacted`, as runs.
+        runs: Vec<Run>,
+    },
 }
 
 impl ToKeeper {
@@ -415,6 +513,7 @@ impl ToKeeper {
             ToKeeper::Promise { .. } => "promise",
             ToKeeper::Append { .. } => "append",
             ToKeeper::Fetch { .. } => "fetch",
+            ToKeeper::Trim { .. } => "trim",
         }
     }
 
@@ -423,7 +522,8 @@ impl ToKeeper {
         match self {
             ToKeeper::Promise { room, .. }
             | ToKeeper::Append { room, .. }
-            | ToKeeper::Fetch { room, .. } => room,
+            | ToKeeper::Fetch { room, .. }
+            | ToKeeper::Trim { room, .. } => room,
         }
     }
 }
@@ -477,6 +577,15 @@ pub enum ToHub {
         /// The sending node.
         node: NodeName,
     },
+    /// The answer to a [`ToRoom::Subscribe`] whose cursor was below `horizon - 1`: the room's
+    /// messages before `horizon` were dropped by retention, and the re-sent ones (the fan-outs
+    /// that follow) start at it. (Added last; sent only then.)
+    Horizon {
+        /// The room.
+        room: RoomId,
+        /// The smallest seq still kept.
+        horizon: u64,
+    },
 }
 
 impl ToHub {
@@ -489,6 +598,7 @@ impl ToHub {
             ToHub::DeliverDirect { .. } => "deliver_direct",
             ToHub::RoomActive { .. } => "room_active",
             ToHub::Reannounce { .. } => "reannounce",
+            ToHub::Horizon { .. } => "horizon",
         }
     }
 }

@@ -197,6 +197,9 @@ async fn session(
                     Some("welcome") => eprintln!("* connected to {} as {}", v["node"], v["user"]),
                     Some("joined") => {
                         eprintln!("* in {} (latest seq {})", cli.room, v["seq"]);
+                        if let Some(horizon) = v["horizon"].as_u64() {
+                            eprintln!("* messages before #{horizon} were dropped by retention");
+                        }
                         // Everything not acknowledged goes again, with the same ids.
                         for (id, text) in &state.unacked {
                             sink.send(send(json!({"type":"send","ref":id,"id":id,"room":cli.room,"text":text}))).await?;
@@ -214,6 +217,9 @@ async fn session(
                             state.unacked.remove(id);
                         }
                         refused = 0;
+                    }
+                    Some("horizon") => {
+                        eprintln!("* messages before #{} were dropped by retention", v["horizon"]);
                     }
                     Some("direct") => println!("(direct) {}: {}", v["from"].as_str().unwrap_or("?"), v["text"].as_str().unwrap_or("")),
                     Some("presence") => eprintln!("* {} {}", v["user"].as_str().unwrap_or("?"), if v["event"] == "join" { "joined" } else { "left" }),

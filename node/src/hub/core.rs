@@ -15,6 +15,9 @@
 //! owner, the hub subscribes there the same way. A connection whose join was answered with a
 //! seq below what the room already delivered here (its owner moved while it joined) is brought
 //! up to the cursor by a second, internal join with `since` before it receives live messages.
+//! When retention dropped messages after the cursor (the room moved on while this node was
+//! behind), the owner answers the subscription with the room's horizon: the cursor moves up to
+//! it, and the sessions are told that the messages before it are gone.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -81,6 +84,16 @@ pub enum HubEffect {
         room: RoomId,
         /// The messages, in seq order.
         entries: Vec<Entry>,
+    },
+    /// Messages of a room that connections had not received were dropped by retention: what
+    /// they receive next starts at `horizon`.
+    Horizon {
+        /// The room.
+        room: RoomId,
+        /// The smallest seq the room still keeps.
+        horizon: u64,
+        /// The connections to tell.
+        sessions: Vec<SessionId>,
     },
     /// A presence change for connections in a room.
     Presence {
@@ -484,8 +497,47 @@ impl HubCore {
                 }
                 self.subscribe(&room);
             }
+            ToHub::Horizon { room, horizon } => self.on_horizon(&room, horizon),
         }
         None
+    }
+
+    /// The owner answered a subscription from below the room's horizon: the messages before
+    /// `horizon` are gone for good (retention), so the cursor moves up to just below it, where
+    /// the re-sent messages start, and the sessions that had not received them are told. A
+    /// horizon never moves back, so one that arrives late is still true.
+    fn on_horizon(&mut self, room: &RoomId, horizon: u64) {
+        let Some(lr) = self.rooms.get_mut(room) else {
+            return;
+        };
+        let Some(cursor) = lr.cursor else {
+            return;
+        };
+        let last_dropped = horizon.saturating_sub(1);
+        if cursor >= last_dropped {
+            return;
+        }
+        tracing::debug!(room = %room, cursor, horizon, "messages below the horizon are gone; following from it");
+        lr.cursor = Some(last_dropped);
+        // Sessions that joined at or past the horizon missed nothing; joining ones learn it from
+        // their join's reply.
+        let mut sessions: Vec<SessionId> = lr
+            .active
+            .iter_mut()
+            .filter(|(_, after)| **after < last_dropped)
+            .map(|(session, after)| {
+                *after = last_dropped;
+                *session
+            })
+            .collect();
+        sessions.sort_unstable();
+        if !sessions.is_empty() {
+            self.effects.push(HubEffect::Horizon {
+                room: room.clone(),
+                horizon,
+                sessions,
+            });
+        }
     }
 
     fn reply(&mut self, req: u64, reply: Reply, now: Instant) {
@@ -499,13 +551,26 @@ impl HubCore {
         if !self.sessions.contains_key(&pending.session) {
             return;
         }
+        // A join below the room's horizon is handled as a join; its reply keeps the horizon.
+        let (reply, horizon) = match reply {
+            joined @ Reply::JoinedBelowHorizon { .. } => joined.split_horizon(),
+            reply => (reply, None),
+        };
         match (&pending.kind, reply) {
             (Kind::Join(room), Reply::Joined { seq, replay, .. }) => {
                 let room = room.clone();
-                let reply = Reply::Joined {
-                    room: room.clone(),
-                    seq,
-                    replay,
+                let reply = match horizon {
+                    Some(horizon) => Reply::JoinedBelowHorizon {
+                        room: room.clone(),
+                        seq,
+                        replay,
+                        horizon,
+                    },
+                    None => Reply::Joined {
+                        room: room.clone(),
+                        seq,
+                        replay,
+                    },
                 };
                 self.effects.push(HubEffect::Reply {
                     session: pending.session,
@@ -516,6 +581,14 @@ impl HubCore {
             }
             (Kind::CatchUp(room), Reply::Joined { seq, replay, .. }) => {
                 let room = room.clone();
+                if let Some(horizon) = horizon {
+                    // Some of what the session missed while it joined was dropped meanwhile.
+                    self.effects.push(HubEffect::Horizon {
+                        room: room.clone(),
+                        horizon,
+                        sessions: vec![pending.session],
+                    });
+                }
                 if !replay.is_empty() {
                     self.effects.push(HubEffect::CatchUp {
                         session: pending.session,
@@ -944,6 +1017,25 @@ mod tests {
         (hub, now)
     }
 
+    /// bob (session 2) joins the room; the owner answers at `seq`. The effects that follow.
+    fn bob_joins_answered_at(hub: &mut HubCore, seq: u64, now: Instant) -> Vec<HubEffect> {
+        hub.register(2, user("bob"));
+        let op = RoomOp::Join {
+            session: 2,
+            user: user("bob"),
+            since: None,
+        };
+        hub.request(2, None, HubRequest::Room { room: room(), op }, now);
+        let (req, _, _) = requests(hub).remove(0);
+        let joined = Reply::Joined {
+            room: room(),
+            seq,
+            replay: Vec::new(),
+        };
+        hub.on_peer(ToHub::Reply { req, reply: joined }, now);
+        hub.take_effects()
+    }
+
     #[test]
     fn a_join_past_the_room_cap_gets_too_many_rooms_and_a_leave_makes_room() {
         let now = Instant::now();
@@ -1039,21 +1131,7 @@ mod tests {
         let (mut hub, now) = joined_hub(10);
         assert_eq!(fanout(&mut hub, &[11, 12], now), vec![11, 12]);
         // bob joins; the answer comes from an owner that was at 9 (it moved meanwhile).
-        hub.register(2, user("bob"));
-        let op = RoomOp::Join {
-            session: 2,
-            user: user("bob"),
-            since: None,
-        };
-        hub.request(2, None, HubRequest::Room { room: room(), op }, now);
-        let (req, _, _) = requests(&mut hub).remove(0);
-        let joined = Reply::Joined {
-            room: room(),
-            seq: 9,
-            replay: Vec::new(),
-        };
-        hub.on_peer(ToHub::Reply { req, reply: joined }, now);
-        let effects = hub.take_effects();
+        let effects = bob_joins_answered_at(&mut hub, 9, now);
         assert!(matches!(effects[0], HubEffect::Reply { session: 2, .. }));
         let catch_up = effects
             .iter()
@@ -1119,6 +1197,82 @@ mod tests {
         let mut recipients: Vec<(SessionId, u64)> = delivery.recipients().collect();
         recipients.sort_unstable();
         assert_eq!(recipients, vec![(1, 10), (2, 13)]);
+    }
+
+    #[test]
+    fn a_subscription_answered_from_the_horizon_moves_the_cursor_past_what_retention_dropped() {
+        let (mut hub, now) = joined_hub(8);
+        // bob joined later, at 20, while the room delivered nothing here (the cursor stays 8).
+        let effects = bob_joins_answered_at(&mut hub, 20, now);
+        let owner = view(&["a", "b", "c"], 1, 1).owner(&room()).unwrap().clone();
+        assert_eq!(subscriptions(&effects), vec![(owner, 8)]);
+        // Retention dropped 9..=29 meanwhile: what the owner re-sends starts at 30, a gap.
+        assert_eq!(fanout(&mut hub, &[30, 31], now), Vec::<u64>::new());
+        // The owner said so first, in the answer to the subscription: both sessions had not
+        // received everything before 30, so both are told, and they go on from 30.
+        hub.on_peer(
+            ToHub::Horizon {
+                room: room(),
+                horizon: 30,
+            },
+            now,
+        );
+        assert!(matches!(
+            &hub.take_effects()[..],
+            [HubEffect::Horizon { horizon: 30, sessions, .. }] if sessions == &[1, 2]
+        ));
+        assert_eq!(fanout(&mut hub, &[30, 31], now), vec![30, 31]);
+        assert!(
+            subscriptions(&hub.take_effects()).is_empty(),
+            "no more gap, no more subscription"
+        );
+        // A late or repeated horizon at or below the cursor changes nothing.
+        for horizon in [30, 12] {
+            hub.on_peer(
+                ToHub::Horizon {
+                    room: room(),
+                    horizon,
+                },
+                now,
+            );
+            assert!(hub.take_effects().is_empty());
+        }
+        assert_eq!(fanout(&mut hub, &[32], now), vec![32]);
+    }
+
+    #[test]
+    fn a_catch_up_answered_below_the_horizon_tells_the_session_before_its_messages() {
+        let (mut hub, now) = joined_hub(10);
+        assert_eq!(fanout(&mut hub, &[11, 12], now), vec![11, 12]);
+        // bob's join is answered at 5 by an owner that was behind: he catches up since 5, and
+        // the room dropped everything below 9 meanwhile.
+        let catch_up = bob_joins_answered_at(&mut hub, 5, now)
+            .iter()
+            .find_map(|e| match e {
+                HubEffect::Request { req, .. } => Some(*req),
+                _ => None,
+            })
+            .expect("an internal join");
+        let joined = Reply::JoinedBelowHorizon {
+            room: room(),
+            seq: 12,
+            replay: (9..=12).map(entry).collect(),
+            horizon: 9,
+        };
+        hub.on_peer(
+            ToHub::Reply {
+                req: catch_up,
+                reply: joined,
+            },
+            now,
+        );
+        assert!(matches!(
+            &hub.take_effects()[..],
+            [
+                HubEffect::Horizon { horizon: 9, sessions, .. },
+                HubEffect::CatchUp { session: 2, entries, .. },
+            ] if sessions == &[2] && entries.len() == 4
+        ));
     }
 
     #[test]

@@ -22,14 +22,23 @@
 //!
 //! Requests that arrive before the room is active wait in a bounded queue with a deadline, then
 //! get `unavailable`.
+//!
+//! Retention ([`super::retention`]): the owner decides a horizon over committed entries and sends
+//! it to every node of the placement ([`ToKeeper::Trim`]); it serves the horizon (hides what is
+//! below, says so in `history` and `join` replies and to subscriptions from below it) only once
+//! every one of them recorded it, so a later owner, which adopts the highest horizon its claim
+//! hears of, never serves what a client was told is gone. Stores delete entries only below a
+//! horizon already served, so every entry at or above the served horizon stays readable. A claim
+//! makes the adopted horizon part of the sync: the room becomes active only once the placement
+//! recorded it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chat_protocol::peer::{
-    AppendOutcome, Entry, Epoch, LogState, Origin, Placement, Reply, RoomOp, SessionId, ToHub,
-    ToKeeper, ToRoom,
+    AppendOutcome, Entry, Epoch, Horizon, LogState, Origin, Placement, Reply, RoomOp, SessionId,
+    ToHub, ToKeeper, ToRoom,
 };
 use chat_protocol::{ErrorCode, NodeName, PresenceEvent, RoomId, UserName};
 
@@ -37,6 +46,7 @@ use crate::cluster::view::View;
 use crate::metrics::Metrics;
 use crate::rooms::log;
 use crate::rooms::members::Members;
+use crate::rooms::retention::{self, RetentionPolicy};
 use crate::store::{Store, StoreError};
 
 /// Committed entries kept in memory for replays and history, beyond the uncommitted ones.
@@ -62,6 +72,9 @@ const RESEND_AFTER: Duration = Duration::from_millis(1000);
 const SYNC_TIMEOUT: Duration = Duration::from_millis(4000);
 /// Recent client message ids remembered per room for deduplicating retried sends.
 const DEDUPE_KEEP: usize = 4096;
+/// Text bytes of the oldest entries read to apply the age bound of retention, about, per
+/// decision (the horizon moves as far as they reach; the next decision goes on).
+const AGE_SCAN_BYTES: usize = 256 << 10;
 
 /// Settings a room needs.
 #[derive(Debug, Clone)]
@@ -74,6 +87,8 @@ pub struct RoomConfig {
     pub idle: Duration,
     /// How long a request may wait for the room to become active.
     pub queue_timeout: Duration,
+    /// How much of each room's log to keep.
+    pub retention: RetentionPolicy,
     /// A deliberately broken rule, for proving that the simulation's checker catches it. Never
     /// set outside tests.
     pub flaw: Option<Flaw>,
@@ -169,6 +184,8 @@ enum Phase {
     /// Waiting for promises.
     Claiming {
         answers: Vec<(NodeName, LogState)>,
+        /// What retention dropped from each answerer's copy.
+        horizons: Vec<Horizon>,
         /// Answerers that lost their disk and were not synced for the room since.
         recovering: Vec<NodeName>,
         waiting: HashSet<NodeName>,
@@ -217,6 +234,12 @@ struct Replica {
     acked: bool,
     /// Whether it must be sent an append even with nothing new (to sync, or after a loss).
     poke: bool,
+    /// The highest horizon it recorded (as far as this owner knows).
+    recorded: u64,
+    /// The highest deletion point it was sent.
+    compacted: u64,
+    /// Whether a trim sent to it is unanswered.
+    trimming: bool,
 }
 
 /// The owner side of one room.
@@ -242,6 +265,11 @@ pub struct RoomCore {
     /// This node's store holds the owner's log up to here.
     store_good: u64,
     commit: u64,
+    /// The served horizon: every node of the placement recorded it; nothing below is served,
+    /// and stores may delete what is below. Entries from here on are readable.
+    horizon: u64,
+    /// The horizon decided, being recorded by the placement (at least `horizon`).
+    target: u64,
     replicas: HashMap<NodeName, Replica>,
     /// When a node last acknowledged something new (or a fetch brought entries).
     progress_at: Instant,
@@ -299,6 +327,8 @@ impl RoomCore {
             have: 0,
             store_good: 0,
             commit: 0,
+            horizon: 0,
+            target: 0,
             replicas: HashMap::new(),
             progress_at: now,
             resent_at: now,
@@ -338,6 +368,11 @@ impl RoomCore {
     /// The highest committed seq.
     pub fn commit(&self) -> u64 {
         self.commit
+    }
+
+    /// The served horizon: the smallest seq still served (0 and 1: nothing dropped).
+    pub fn horizon(&self) -> u64 {
+        self.horizon
     }
 
     /// Whether the room serves requests.
@@ -426,7 +461,23 @@ impl RoomCore {
                 node,
                 state,
                 recovering,
-            } => self.on_promised(epoch, granted, node, state, recovering, now),
+            } => self.on_promised(
+                epoch,
+                granted,
+                node,
+                state,
+                recovering,
+                Horizon::default(),
+                now,
+            ),
+            ToRoom::PromisedTrimmed {
+                epoch,
+                granted,
+                node,
+                state,
+                recovering,
+                horizon,
+            } => self.on_promised(epoch, granted, node, state, recovering, horizon, now),
             ToRoom::Appended {
                 epoch,
                 node,
@@ -549,6 +600,7 @@ impl RoomCore {
                 if (!self.inflight.is_empty() || self.lagging()) && self.resend_due(now) {
                     self.resend(now);
                 }
+                self.decide_horizon();
                 if self.members.is_empty()
                     && self.inflight.is_empty()
                     && self.queue.is_empty()
@@ -615,12 +667,14 @@ impl RoomCore {
         tracing::debug!(room = %self.id, epoch = self.epoch, placement = ?self.placement.nodes, "claiming");
         self.phase = Phase::Claiming {
             answers: Vec::new(),
+            horizons: Vec::new(),
             recovering: Vec::new(),
             waiting: up.into_iter().collect(),
             since: now,
         };
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_promised(
         &mut self,
         epoch: Epoch,
@@ -628,11 +682,13 @@ impl RoomCore {
         node: NodeName,
         state: LogState,
         lost_disk: bool,
+        horizon: Horizon,
         now: Instant,
     ) {
         self.highest_epoch = self.highest_epoch.max(state.promised);
         let Phase::Claiming {
             answers,
+            horizons,
             recovering,
             waiting,
             ..
@@ -659,19 +715,23 @@ impl RoomCore {
         if node == self.me {
             // Our own answer goes first: `log::best` favours the first of equals (no copy).
             answers.insert(0, (node, state));
+            horizons.insert(0, horizon);
         } else {
             answers.push((node, state));
+            horizons.push(horizon);
         }
         if waiting.is_empty() {
             let answers = std::mem::take(answers);
+            let horizons = std::mem::take(horizons);
             let recovering = std::mem::take(recovering);
-            self.finish_claim(answers, &recovering, now);
+            self.finish_claim(answers, &horizons, &recovering, now);
         }
     }
 
     fn finish_claim(
         &mut self,
         answers: Vec<(NodeName, LogState)>,
+        horizons: &[Horizon],
         recovering: &[NodeName],
         now: Instant,
     ) {
@@ -708,9 +768,27 @@ impl RoomCore {
         let Some((best_node, best)) = best.cloned() else {
             return;
         };
+        // The highest horizon heard of: it may have been served (a horizon is served only once
+        // a whole placement recorded it, and this claim hears from one node of each). Entries are
+        // deleted only below served horizons, so the adopted copy holds everything from the
+        // highest deletion point on.
+        self.target = horizons
+            .iter()
+            .map(|h| h.horizon)
+            .max()
+            .unwrap_or(0)
+            .min(best.last_seq + 1);
+        self.horizon = horizons
+            .iter()
+            .map(|h| h.compacted)
+            .max()
+            .unwrap_or(0)
+            .min(self.target);
+        // Nothing below the deletion point is needed, or can be had.
+        let floor = self.horizon.saturating_sub(1);
         // What this node holds of the adopted log: its store up to `shared`, and the entries
         // of its tail (from before this claim) that the adopted log has too.
-        let shared = log::common_prefix(&own, &best);
+        let shared = log::common_prefix(&own, &best).max(floor.min(best.last_seq));
         let tail_end = self.tail.back().map_or(0, |e| e.seq);
         let tail_good = log::common_prefix(&log::truncate(&self.log, tail_end), &best);
         while self.tail.back().is_some_and(|e| e.seq > tail_good) {
@@ -722,6 +800,9 @@ impl RoomCore {
         {
             self.tail.clear();
         }
+        while self.tail.front().is_some_and(|e| e.seq < self.horizon) {
+            self.tail.pop_front();
+        }
         self.log = best.clone();
         self.log.promised = self.epoch;
         self.adopted = best.last_seq;
@@ -729,10 +810,9 @@ impl RoomCore {
         self.have = shared.max(self.tail.back().map_or(0, |e| e.seq));
         self.replicas.clear();
         for node in &self.placement.nodes {
-            let base = answers
-                .iter()
-                .find(|(n, _)| n == node)
-                .map_or(0, |(_, s)| log::common_prefix(s, &self.log));
+            let answer = answers.iter().position(|(n, _)| n == node);
+            let base = answer.map_or(0, |i| log::common_prefix(&answers[i].1, &self.log));
+            let held = answer.map_or(Horizon::default(), |i| horizons[i]);
             self.replicas.insert(
                 node.clone(),
                 Replica {
@@ -741,6 +821,9 @@ impl RoomCore {
                     matched: 0,
                     acked: false,
                     poke: true,
+                    recorded: held.horizon,
+                    compacted: held.compacted,
+                    trimming: false,
                 },
             );
         }
@@ -771,6 +854,7 @@ impl RoomCore {
             self.fetch_next(&from);
         }
         self.phase = Phase::Syncing { fetching };
+        self.send_trims();
         if self.commits_adopted() && self.have >= self.adopted {
             self.become_active(now);
             return;
@@ -845,7 +929,7 @@ impl RoomCore {
         let synced = self.placement.nodes.iter().all(|n| {
             self.replicas
                 .get(n)
-                .is_some_and(|r| r.acked && r.matched >= self.adopted)
+                .is_some_and(|r| r.acked && r.matched >= self.adopted && r.recorded >= self.target)
         });
         if synced {
             self.become_active(now);
@@ -855,12 +939,15 @@ impl RoomCore {
     fn become_active(&mut self, now: Instant) {
         Metrics::count(&self.metrics.room_claims, "won");
         self.phase = Phase::Active;
+        // The placement recorded the adopted horizon (part of the sync).
+        self.horizon = self.horizon.max(self.target);
         self.progress_at = now;
         self.resent_at = now;
         tracing::info!(room = %self.id, epoch = self.epoch, last_seq = self.log.last_seq, placement = ?self.placement.nodes, "room active");
         self.load_tail();
         self.rebuild_dedupe();
         self.advance_commit(now);
+        self.decide_horizon();
         for node in self.view.up().cloned().collect::<Vec<_>>() {
             self.room_active(node);
         }
@@ -926,6 +1013,23 @@ impl RoomCore {
                 }
                 self.pump();
             }
+            AppendOutcome::Trimmed { horizon } => {
+                let Some(replica) = self.replicas.get_mut(&node) else {
+                    return;
+                };
+                replica.trimming = false;
+                if horizon > replica.recorded {
+                    replica.recorded = horizon;
+                    self.progress_at = now;
+                }
+                if self.is_active() {
+                    self.serve_horizon();
+                    self.decide_horizon();
+                    self.send_trims();
+                } else {
+                    self.check_synced(now);
+                }
+            }
             AppendOutcome::Stored { last_seq } => {
                 let Some(replica) = self.replicas.get_mut(&node) else {
                     return;
@@ -945,6 +1049,7 @@ impl RoomCore {
                 if self.is_active() {
                     self.advance_commit(now);
                     self.trim_tail();
+                    self.decide_horizon();
                 } else {
                     self.check_synced(now);
                 }
@@ -953,11 +1058,14 @@ impl RoomCore {
         }
     }
 
-    /// Whether a node of the placement lacks entries it was sent.
+    /// Whether a node of the placement lacks entries it was sent, or the horizon.
     fn lagging(&self) -> bool {
-        self.replicas
-            .values()
-            .any(|r| r.matched < self.log.last_seq || !r.acked)
+        self.replicas.values().any(|r| {
+            r.matched < self.log.last_seq
+                || !r.acked
+                || r.recorded < self.target
+                || r.compacted < self.horizon
+        })
     }
 
     fn resend_due(&self, now: Instant) -> bool {
@@ -972,9 +1080,11 @@ impl RoomCore {
                 replica.sent = replica.matched.max(replica.base);
                 replica.poke = true;
             }
+            replica.trimming = false;
         }
         self.resent_at = now;
         self.pump();
+        self.send_trims();
     }
 
     /// Sends every node of the placement what it lacks, within the replication window.
@@ -989,9 +1099,20 @@ impl RoomCore {
 
     fn pump_node(&mut self, node: &NodeName, window: u64) {
         loop {
-            let Some(replica) = self.replicas.get(node).copied() else {
+            let Some(mut replica) = self.replicas.get(node).copied() else {
                 return;
             };
+            if replica.sent + 1 < self.horizon {
+                // It lacks entries below the deletion point, which no store may hold any more:
+                // it takes the log up to there without them, then the entries from there on.
+                self.trim_node(node);
+                let Some(jumped) = self.replicas.get_mut(node) else {
+                    return;
+                };
+                jumped.sent = self.horizon - 1;
+                jumped.base = jumped.base.max(self.horizon - 1);
+                replica = *jumped;
+            }
             let floor = replica.matched.max(replica.base);
             let wants = replica.sent < self.log.last_seq || replica.poke;
             if !wants || replica.sent.saturating_sub(floor) >= window {
@@ -1077,6 +1198,80 @@ impl RoomCore {
         }
     }
 
+    // ---- retention ----
+
+    /// Decides a new horizon when the previous one is recorded everywhere, and sends it.
+    fn decide_horizon(&mut self) {
+        let retention = self.config.retention.of(&self.id);
+        if retention.is_unbounded() || !self.is_active() || self.target > self.horizon {
+            return;
+        }
+        let oldest = if retention.age_ms > 0 && self.target <= self.commit {
+            self.range(self.target.max(1), self.commit, AGE_SCAN_BYTES)
+        } else {
+            Vec::new()
+        };
+        let next = retention::horizon(&retention, self.target, self.commit, &oldest, self.wall_ms);
+        if next > self.target {
+            tracing::debug!(room = %self.id, horizon = next, "retention moves the horizon");
+            self.target = next;
+            self.send_trims();
+        }
+    }
+
+    /// Serves the decided horizon once every node of the placement recorded it.
+    fn serve_horizon(&mut self) {
+        let recorded = self.placement.nodes.iter().all(|n| {
+            self.replicas
+                .get(n)
+                .is_some_and(|r| r.recorded >= self.target)
+        });
+        if recorded && self.target > self.horizon {
+            self.horizon = self.target;
+            // What is below is no longer served, nor kept in memory.
+            while self.tail.front().is_some_and(|e| e.seq < self.horizon) {
+                self.tail.pop_front();
+            }
+        }
+    }
+
+    /// Sends the horizon to every node of the placement that lacks it (or the deletion point).
+    fn send_trims(&mut self) {
+        if !matches!(self.phase, Phase::Syncing { .. } | Phase::Active) {
+            return;
+        }
+        for node in self.placement.nodes.clone() {
+            let Some(replica) = self.replicas.get(&node) else {
+                continue;
+            };
+            let behind = replica.recorded < self.target || replica.compacted < self.horizon;
+            if behind && !replica.trimming {
+                self.trim_node(&node);
+            }
+        }
+    }
+
+    fn trim_node(&mut self, node: &NodeName) {
+        let horizon = Horizon {
+            horizon: self.target,
+            compacted: self.horizon,
+        };
+        self.effects.push(Effect::Keeper(
+            node.clone(),
+            ToKeeper::Trim {
+                room: self.id.clone(),
+                epoch: self.epoch,
+                owner: self.me.clone(),
+                horizon,
+                runs: log::truncate(&self.log, self.horizon.saturating_sub(1)).runs,
+            },
+        ));
+        if let Some(replica) = self.replicas.get_mut(node) {
+            replica.trimming = true;
+            replica.compacted = replica.compacted.max(self.horizon);
+        }
+    }
+
     // ---- serving ----
 
     fn serve(&mut self, origin: Origin, op: RoomOp, received: Instant, now: Instant) {
@@ -1091,18 +1286,22 @@ impl RoomCore {
                 let replay = match since {
                     Some(since) if since < seq => {
                         let from = since.max(seq.saturating_sub(self.config.replay_cap as u64)) + 1;
-                        self.newest(from, seq, PAGE_BYTES)
+                        self.newest(from.max(self.horizon), seq, PAGE_BYTES)
                     }
                     _ => Vec::new(),
                 };
-                self.reply(
-                    &origin,
-                    Reply::Joined {
-                        room: self.id.clone(),
+                let room = self.id.clone();
+                let reply = match since {
+                    // Messages after `since` were dropped by retention.
+                    Some(since) if since + 1 < self.horizon => Reply::JoinedBelowHorizon {
+                        room,
                         seq,
                         replay,
+                        horizon: self.horizon,
                     },
-                );
+                    _ => Reply::Joined { room, seq, replay },
+                };
+                self.reply(&origin, reply);
                 if let Some(event) = presence {
                     self.presence(&user, event);
                 }
@@ -1126,19 +1325,24 @@ impl RoomCore {
             } => self.publish(origin, user, text, client_id, received, now),
             RoomOp::GetHistory { before, limit } => {
                 let before = before.unwrap_or(u64::MAX).min(self.commit + 1);
-                let messages = if before <= 1 {
+                let wanted_from = before.saturating_sub(u64::from(limit)).max(1);
+                let from = wanted_from.max(self.horizon);
+                let messages = if before <= from {
                     Vec::new()
                 } else {
-                    let from = before.saturating_sub(u64::from(limit)).max(1);
                     self.newest(from, before - 1, PAGE_BYTES)
                 };
-                self.reply(
-                    &origin,
-                    Reply::History {
-                        room: self.id.clone(),
+                let room = self.id.clone();
+                let reply = if wanted_from < self.horizon {
+                    Reply::HistoryBelowHorizon {
+                        room,
                         messages,
-                    },
-                );
+                        horizon: self.horizon,
+                    }
+                } else {
+                    Reply::History { room, messages }
+                };
+                self.reply(&origin, reply);
             }
             RoomOp::GetMembers => {
                 let users = self.members.users();
@@ -1244,10 +1448,26 @@ impl RoomCore {
         }
         // Rebuilt membership after a move: not news to anyone, so no presence events.
         let _ = self.members.replace_node(&node, &sessions);
-        if sessions.is_empty() || cursor >= self.commit {
+        if sessions.is_empty() {
             return;
         }
-        let from = (cursor + 1).max(self.commit.saturating_sub(self.config.replay_cap as u64) + 1);
+        if cursor.saturating_add(1) < self.horizon {
+            // What follows the cursor was dropped: the node moves past it instead of asking for
+            // it again and again.
+            self.effects.push(Effect::Hub(
+                node.clone(),
+                ToHub::Horizon {
+                    room: self.id.clone(),
+                    horizon: self.horizon,
+                },
+            ));
+        }
+        if cursor >= self.commit {
+            return;
+        }
+        let from = (cursor + 1)
+            .max(self.commit.saturating_sub(self.config.replay_cap as u64) + 1)
+            .max(self.horizon);
         let entries = self.newest(from, self.commit, REPLAY_BYTES);
         for chunk in chunks(entries) {
             self.effects.push(Effect::Hub(
@@ -1399,7 +1619,13 @@ impl RoomCore {
         if upto == 0 || first_in_tail > self.store_good + 1 {
             return;
         }
-        let from = upto.saturating_sub(TAIL_KEEP as u64 - 1).max(1);
+        let from = upto
+            .saturating_sub(TAIL_KEEP as u64 - 1)
+            .max(1)
+            .max(self.horizon);
+        if from > upto {
+            return;
+        }
         match self.reader.entries(&self.id, from, upto, usize::MAX) {
             Ok(entries) => {
                 for entry in entries.into_iter().rev() {
@@ -1420,7 +1646,7 @@ impl RoomCore {
     fn rebuild_dedupe(&mut self) {
         self.dedupe.clear();
         self.dedupe_order.clear();
-        let from = self.have.saturating_sub(DEDUPE_KEEP as u64) + 1;
+        let from = (self.have.saturating_sub(DEDUPE_KEEP as u64) + 1).max(self.horizon);
         for entry in self.range(from, self.have, usize::MAX) {
             if let Some(id) = entry.client_id {
                 self.remember(entry.from, id, entry.seq);
@@ -1512,6 +1738,7 @@ mod tests {
     #[derive(Default)]
     struct Disk {
         logs: BTreeMap<RoomId, LogState>,
+        horizons: BTreeMap<RoomId, Horizon>,
         entries: BTreeMap<u64, Entry>,
         /// What `Store::writable` reports, negated.
         unwritable: bool,
@@ -1550,6 +1777,10 @@ mod tests {
         to_hubs: Vec<(NodeName, ToHub)>,
         /// Appends to these nodes are lost.
         lose_appends_to: Vec<NodeName>,
+        /// Trims to these nodes are lost.
+        lose_trims_to: Vec<NodeName>,
+        /// The retention of the cores made from now on.
+        retention: RetentionPolicy,
         now: Instant,
     }
 
@@ -1565,6 +1796,8 @@ mod tests {
                 to_rooms: VecDeque::new(),
                 to_hubs: Vec::new(),
                 lose_appends_to: Vec::new(),
+                lose_trims_to: Vec::new(),
+                retention: RetentionPolicy::default(),
                 now: Instant::now(),
             }
         }
@@ -1575,6 +1808,7 @@ mod tests {
                 replay_cap: 1000,
                 idle: Duration::from_secs(60),
                 queue_timeout: Duration::from_secs(4),
+                retention: self.retention.clone(),
                 flaw,
             };
             let disk = self.disks[&node(me)].clone();
@@ -1618,6 +1852,11 @@ mod tests {
                         {
                             continue;
                         }
+                        if matches!(message, ToKeeper::Trim { .. })
+                            && self.lose_trims_to.contains(&to)
+                        {
+                            continue;
+                        }
                         self.keeper(&to, message);
                     }
                     Effect::Hub(to, message) => self.to_hubs.push((to, message)),
@@ -1632,13 +1871,11 @@ mod tests {
             let keeper = self.keepers.get_mut(at).unwrap();
             let effects = keeper
                 .on(message, false, |room| {
-                    Ok(disk
-                        .lock()
-                        .unwrap()
-                        .logs
-                        .get(room)
-                        .cloned()
-                        .unwrap_or_default())
+                    let d = disk.lock().unwrap();
+                    Ok((
+                        d.logs.get(room).cloned().unwrap_or_default(),
+                        d.horizons.get(room).copied().unwrap_or_default(),
+                    ))
                 })
                 .unwrap();
             for effect in effects {
@@ -1663,6 +1900,28 @@ mod tests {
                             d.entries.insert(e.seq, e);
                         }
                         d.logs.insert(room, state);
+                        self.to_rooms.push_back((to, answer));
+                    }
+                    KeeperEffect::Write {
+                        write:
+                            Write::Trim {
+                                room,
+                                state,
+                                horizon,
+                                truncate_after,
+                            },
+                        to,
+                        answer,
+                        ..
+                    } => {
+                        // Compaction is at once here.
+                        let mut d = disk.lock().unwrap();
+                        if let Some(after) = truncate_after {
+                            d.entries.split_off(&(after + 1));
+                        }
+                        d.entries = d.entries.split_off(&horizon.compacted);
+                        d.logs.insert(room.clone(), state);
+                        d.horizons.insert(room, horizon);
                         self.to_rooms.push_back((to, answer));
                     }
                     KeeperEffect::Answer { to, answer, .. } => {
@@ -2055,5 +2314,201 @@ mod tests {
             vec![(1, "m1".into()), (2, "m2".into())],
             "the new placement is brought up to the log"
         );
+    }
+
+    impl Cluster {
+        /// Sends `op` as request `req` and returns the reply.
+        fn ask(&mut self, core: &mut RoomCore, req: u64, op: RoomOp) -> Reply {
+            let origin = Origin {
+                node: node("c"),
+                req,
+            };
+            core.on_peer(
+                ToRoom::Request {
+                    origin,
+                    op,
+                    hops: 0,
+                },
+                self.now,
+                self.now,
+                1_000,
+            );
+            self.settle(core);
+            self.to_hubs
+                .iter()
+                .find_map(|(_, m)| match m {
+                    ToHub::Reply { req: r, reply } if *r == req => Some(reply.clone()),
+                    _ => None,
+                })
+                .expect("a reply")
+        }
+    }
+
+    impl Cluster {
+        /// An active core on a, with retention keeping `messages` messages.
+        fn keeping(&mut self, messages: u64) -> RoomCore {
+            self.retention = RetentionPolicy {
+                default: retention::Retention {
+                    messages,
+                    age_ms: 0,
+                },
+                rooms: Default::default(),
+            };
+            let mut core = self.core("a", &["a", "b", "c"], None);
+            self.settle(&mut core);
+            core
+        }
+
+        /// Sends `m1` ..= `m{count}` (ids `id1` …) as requests 1 ..= `count`.
+        fn send_numbered(&mut self, core: &mut RoomCore, count: u64) {
+            for i in 1..=count {
+                self.send(core, i, &format!("m{i}"), &format!("id{i}"));
+            }
+        }
+    }
+
+    fn seqs(entries: &[Entry]) -> Vec<u64> {
+        entries.iter().map(|e| e.seq).collect()
+    }
+
+    #[test]
+    fn retention_drops_old_messages_on_every_copy_and_a_new_owner_keeps_the_horizon() {
+        let mut cluster = Cluster::new();
+        let mut core = cluster.keeping(3);
+        cluster.send_numbered(&mut core, 10);
+        assert_eq!(core.commit(), 10);
+        assert_eq!(core.horizon(), 8, "the newest 3 are kept");
+        let kept: Vec<(u64, String)> = (8..=10).map(|s| (s, format!("m{s}"))).collect();
+        assert_eq!(cluster.stored("a"), kept);
+        assert_eq!(cluster.stored("c"), kept);
+        // `history` reaching below the horizon says where the log starts.
+        let history = RoomOp::GetHistory {
+            before: None,
+            limit: 50,
+        };
+        match cluster.ask(&mut core, 100, history.clone()) {
+            Reply::HistoryBelowHorizon {
+                messages, horizon, ..
+            } => {
+                assert_eq!(seqs(&messages), [8, 9, 10]);
+                assert_eq!(horizon, 8);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Within the kept messages it is a plain reply.
+        let newest = RoomOp::GetHistory {
+            before: None,
+            limit: 2,
+        };
+        assert!(matches!(
+            cluster.ask(&mut core, 101, newest),
+            Reply::History { .. }
+        ));
+        // A join resuming below the horizon is told that messages were dropped.
+        let join = |since| RoomOp::Join {
+            session: 1,
+            user: user(),
+            since: Some(since),
+        };
+        match cluster.ask(&mut core, 102, join(2)) {
+            Reply::JoinedBelowHorizon {
+                replay, horizon, ..
+            } => {
+                assert_eq!(seqs(&replay), [8, 9, 10]);
+                assert_eq!(horizon, 8);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            cluster.ask(&mut core, 103, join(7)),
+            Reply::Joined { .. }
+        ));
+        // a is gone: c takes the room with b, which held nothing. c adopts the horizon, and b
+        // gets the log from the horizon on, without what is below.
+        cluster.to_hubs.clear();
+        let mut at_c = cluster.core("c", &["b", "c"], None);
+        cluster.settle(&mut at_c);
+        assert!(at_c.is_active());
+        assert_eq!(at_c.commit(), 10);
+        assert_eq!(at_c.horizon(), 8);
+        assert_eq!(cluster.stored("b"), kept);
+        match cluster.ask(&mut at_c, 104, history) {
+            Reply::HistoryBelowHorizon {
+                messages, horizon, ..
+            } => {
+                assert_eq!(seqs(&messages), [8, 9, 10]);
+                assert_eq!(horizon, 8);
+            }
+            other => panic!("{other:?}"),
+        }
+        // It goes on: the new owner moves the horizon as it commits.
+        cluster.send(&mut at_c, 105, "m11", "id11");
+        assert_eq!(cluster.acked(105), Some(Ok(11)));
+        assert_eq!(at_c.horizon(), 9);
+        assert_eq!(
+            cluster.stored("b"),
+            (9..=11).map(|s| (s, format!("m{s}"))).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_subscription_from_below_the_horizon_is_told_where_the_log_starts_before_the_resend() {
+        let mut cluster = Cluster::new();
+        let mut core = cluster.keeping(3);
+        cluster.send_numbered(&mut core, 10);
+        assert_eq!(core.horizon(), 8);
+        let mut subscribe = |cluster: &mut Cluster, cursor: u64| {
+            cluster.to_hubs.clear();
+            let message = ToRoom::Subscribe {
+                node: node("c"),
+                cursor,
+                sessions: vec![(1, user())],
+            };
+            core.on_peer(message, cluster.now, cluster.now, 1_000);
+            cluster.settle(&mut core);
+            std::mem::take(&mut cluster.to_hubs)
+                .into_iter()
+                .filter(|(to, _)| *to == node("c"))
+                .map(|(_, message)| match message {
+                    ToHub::Horizon { horizon, .. } => format!("horizon {horizon}"),
+                    ToHub::Fanout { entries, .. } => format!("fanout {:?}", seqs(&entries)),
+                    other => format!("{other:?}"),
+                })
+                .collect::<Vec<_>>()
+        };
+        // 3..=7 were dropped: the node is told so first, then gets the rest.
+        assert_eq!(
+            subscribe(&mut cluster, 2),
+            ["horizon 8", "fanout [8, 9, 10]"]
+        );
+        // From just below the horizon nothing it asked for is gone.
+        assert_eq!(subscribe(&mut cluster, 7), ["fanout [8, 9, 10]"]);
+        assert!(subscribe(&mut cluster, 10).is_empty());
+    }
+
+    #[test]
+    fn a_horizon_not_recorded_by_the_whole_placement_is_not_served() {
+        let mut cluster = Cluster::new();
+        let mut core = cluster.keeping(2);
+        cluster.send(&mut core, 1, "m1", "id1");
+        cluster.send(&mut core, 2, "m2", "id2");
+        // 1 drops nothing.
+        assert_eq!(core.horizon(), 1);
+        // c never answers trims: the horizon the owner decided is not served yet, and nothing
+        // at or above the served one is deleted anywhere.
+        cluster.lose_trims_to = vec![node("c")];
+        cluster.send(&mut core, 3, "m3", "id3");
+        cluster.send(&mut core, 4, "m4", "id4");
+        assert_eq!(core.commit(), 4);
+        assert_eq!(core.horizon(), 1);
+        assert_eq!(cluster.stored("a").len(), 4);
+        assert_eq!(cluster.stored("c").len(), 4);
+        // Once c records it, it is served.
+        cluster.lose_trims_to.clear();
+        cluster.now += RESEND_AFTER;
+        core.on_tick(cluster.now);
+        cluster.settle(&mut core);
+        assert_eq!(core.horizon(), 3);
+        assert_eq!(cluster.stored("c").len(), 2);
     }
 }

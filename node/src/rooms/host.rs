@@ -443,7 +443,10 @@ pub fn route(view: &View, me: &NodeName, room: &RoomId, message: ToRoom) -> Rout
         },
         ToRoom::Subscribe { .. } => Route::Drop,
         // Answers to a room's own requests: only for a room that runs here.
-        ToRoom::Promised { .. } | ToRoom::Appended { .. } | ToRoom::Fetched { .. } => Route::Room {
+        ToRoom::Promised { .. }
+        | ToRoom::PromisedTrimmed { .. }
+        | ToRoom::Appended { .. }
+        | ToRoom::Fetched { .. } => Route::Room {
             message,
             start: false,
         },

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 
-use chat_protocol::peer::{AppendOutcome, LogState, ToKeeper, ToRoom};
+use chat_protocol::peer::{AppendOutcome, Horizon, LogState, ToKeeper, ToRoom};
 use chat_protocol::{NodeName, RoomId};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
@@ -69,7 +69,8 @@ pub enum KeeperEffect {
 #[derive(Debug)]
 pub struct KeeperCore {
     me: NodeName,
-    logs: HashMap<RoomId, LogState>,
+    /// Each room's copy: its log state and what retention dropped from it.
+    logs: HashMap<RoomId, (LogState, Horizon)>,
     /// The store's failed commits when the cached states were last known to match the disk
     /// plus the writes queued since.
     failures: u64,
@@ -120,23 +121,23 @@ impl KeeperCore {
         })
     }
 
-    /// Handles a request from an owner; `load` reads a room's state from the store the first
-    /// time the room is seen (an error there means the disk is failing). `lost_disk` says that
-    /// this node's store may have forgotten what it once held ([`crate::store::Memory`]).
-    /// Returns what to do, in order.
+    /// Handles a request from an owner; `load` reads a room's state and horizon from the store
+    /// the first time the room is seen (an error there means the disk is failing). `lost_disk`
+    /// says that this node's store may have forgotten what it once held
+    /// ([`crate::store::Memory`]). Returns what to do, in order.
     pub fn on(
         &mut self,
         message: ToKeeper,
         lost_disk: bool,
-        load: impl FnOnce(&RoomId) -> Result<LogState, StoreError>,
+        load: impl FnOnce(&RoomId) -> Result<(LogState, Horizon), StoreError>,
     ) -> Result<Vec<KeeperEffect>, StoreError> {
         let room = message.room().clone();
-        let current = match self.logs.get(&room) {
-            Some(state) => state.clone(),
+        let (current, held) = match self.logs.get(&room) {
+            Some(copy) => copy.clone(),
             None => {
-                let state = load(&room)?;
-                self.logs.insert(room.clone(), state.clone());
-                state
+                let copy = load(&room)?;
+                self.logs.insert(room.clone(), copy.clone());
+                copy
             }
         };
         let me = self.me.clone();
@@ -152,7 +153,7 @@ impl KeeperCore {
                 };
                 match log::promise(&current, epoch, &placement) {
                     Some(next) => {
-                        self.logs.insert(room.clone(), next.clone());
+                        self.logs.insert(room.clone(), (next.clone(), held));
                         // The owner of the epoch promised before is fenced from now on: tell it,
                         // so that it stops serving (it may have nothing to write, and would
                         // learn it only from a refused append).
@@ -179,29 +180,31 @@ impl KeeperCore {
                             },
                             room,
                             to: claimer,
-                            answer: ToRoom::Promised {
+                            answer: promised(
                                 epoch,
-                                granted: true,
-                                node: me,
+                                true,
+                                me,
                                 // What it held, and the placement it knew, before this claim.
-                                recovering: lost_disk && next.synced == 0,
-                                state: LogState {
+                                LogState {
                                     placement: current.placement.clone(),
-                                    ..next
+                                    ..next.clone()
                                 },
-                            },
+                                lost_disk && next.synced == 0,
+                                held,
+                            ),
                         }
                     }
                     None => KeeperEffect::Answer {
                         room,
                         to: claimer,
-                        answer: ToRoom::Promised {
+                        answer: promised(
                             epoch,
-                            granted: false,
-                            node: me,
-                            recovering: lost_disk && current.synced == 0,
-                            state: current,
-                        },
+                            false,
+                            me,
+                            current.clone(),
+                            lost_disk && current.synced == 0,
+                            held,
+                        ),
                     },
                 }
             }
@@ -240,7 +243,11 @@ impl KeeperCore {
                 };
                 match log::append(&current, &append) {
                     Ok(applied) => {
-                        self.logs.insert(room.clone(), applied.state.clone());
+                        self.logs
+                            .insert(room.clone(), (applied.state.clone(), held));
+                        let mut entries = entries;
+                        // Entries retention already deleted here are not stored again.
+                        entries.retain(|e| e.seq >= held.compacted);
                         KeeperEffect::Write {
                             write: Write::Log {
                                 room: room.clone(),
@@ -284,6 +291,52 @@ impl KeeperCore {
                 from_seq,
                 to_seq: to_seq.min(from_seq.saturating_add(FETCH_MAX_ENTRIES - 1)),
             },
+            ToKeeper::Trim {
+                room,
+                epoch,
+                owner,
+                horizon,
+                runs,
+            } => {
+                let answer = |outcome| ToRoom::Appended {
+                    epoch,
+                    node: me.clone(),
+                    outcome,
+                };
+                match log::trim(&current, held, epoch, horizon, &runs) {
+                    Ok(trimmed) => {
+                        self.logs
+                            .insert(room.clone(), (trimmed.state.clone(), trimmed.horizon));
+                        KeeperEffect::Write {
+                            write: Write::Trim {
+                                room: room.clone(),
+                                state: trimmed.state,
+                                horizon: trimmed.horizon,
+                                truncate_after: trimmed.truncate_after,
+                            },
+                            room,
+                            to: owner,
+                            answer: answer(AppendOutcome::Trimmed {
+                                horizon: trimmed.horizon.horizon,
+                            }),
+                        }
+                    }
+                    Err(Refusal::Fenced { promised }) => KeeperEffect::Answer {
+                        room,
+                        to: owner,
+                        answer: answer(AppendOutcome::Fenced { promised }),
+                    },
+                    Err(Refusal::NotPromised { promised }) => KeeperEffect::Answer {
+                        room,
+                        to: owner,
+                        answer: answer(AppendOutcome::NotPromised { promised }),
+                    },
+                    Err(Refusal::Diverged | Refusal::Malformed) => {
+                        tracing::warn!(room = %room, epoch, "malformed trim refused");
+                        return Ok(effects);
+                    }
+                }
+            }
         };
         effects.push(effect);
         Ok(effects)
@@ -293,6 +346,36 @@ impl KeeperCore {
     /// again on next use.
     pub fn write_failed(&mut self, room: &RoomId) {
         self.logs.remove(room);
+    }
+}
+
+/// The answer to a promise request: `Promised`, or `PromisedTrimmed` from a copy that retention
+/// trimmed (so that clusters without retention never send the newer message).
+fn promised(
+    epoch: u64,
+    granted: bool,
+    node: NodeName,
+    state: LogState,
+    recovering: bool,
+    horizon: Horizon,
+) -> ToRoom {
+    if horizon == Horizon::default() {
+        ToRoom::Promised {
+            epoch,
+            granted,
+            node,
+            state,
+            recovering,
+        }
+    } else {
+        ToRoom::PromisedTrimmed {
+            epoch,
+            granted,
+            node,
+            state,
+            recovering,
+            horizon,
+        }
     }
 }
 
@@ -362,10 +445,9 @@ impl Actor for LogKeeper {
                 let lost_disk = store.memory().doubtful();
                 // Cheap: no entries. Kept in case the state cannot be read.
                 let unwritable = state.core.unwritable(&message);
-                match state
-                    .core
-                    .on(message, lost_disk, |room| store.log_state(room))
-                {
+                match state.core.on(message, lost_disk, |room| {
+                    Ok((store.log_state(room)?, store.horizon(room)?))
+                }) {
                     Ok(effects) => {
                         for effect in effects {
                             state.carry_out(&myself, effect);
@@ -482,8 +564,8 @@ mod tests {
         }
     }
 
-    fn empty(_: &RoomId) -> Result<LogState, StoreError> {
-        Ok(LogState::default())
+    fn empty(_: &RoomId) -> Result<(LogState, Horizon), StoreError> {
+        Ok(Default::default())
     }
 
     fn answer(effects: Vec<KeeperEffect>) -> ToRoom {
@@ -646,7 +728,7 @@ mod tests {
                 false,
                 |_| {
                     loaded = true;
-                    Ok(LogState::default())
+                    Ok(Default::default())
                 },
             )
             .unwrap();

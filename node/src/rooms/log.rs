@@ -35,7 +35,7 @@
 //! checks of [`append`] rely on.
 
 use chat_protocol::NodeName;
-use chat_protocol::peer::{Entry, Epoch, LogState, Placement, Run};
+use chat_protocol::peer::{Entry, Epoch, Horizon, LogState, Placement, Run};
 
 /// Why a node refused a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -330,6 +330,78 @@ pub fn quorum_holds(
     answers.len() >= majority
         && intact.len() > members - majority
         && latest.is_none_or(|latest| intact.iter().any(|n| latest.nodes.contains(n)))
+}
+
+/// What an accepted trim changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trimmed {
+    /// The copy after the trim.
+    pub state: LogState,
+    /// What retention dropped from it.
+    pub horizon: Horizon,
+    /// Stored entries after this seq must be dropped (the copy took the owner's log without
+    /// entries up to there: what it held above is not the owner's, or cannot be sent again).
+    pub truncate_after: Option<u64>,
+}
+
+/// Applies a trim (retention) of the owner of `epoch` to a copy that holds `held`: the copy
+/// records the higher horizon, and its entries below `wanted.compacted` may go. Entries below a
+/// horizon are committed (an owner declares a horizon only over committed entries), so every
+/// later owner's log holds them too: dropping them loses nothing a client may still be served.
+/// A copy that does not hold the owner's log up to `compacted - 1` (described by `runs`) takes
+/// it without entries and drops what it holds above: the owner can only send entries from
+/// `compacted` on.
+pub fn trim(
+    state: &LogState,
+    held: Horizon,
+    epoch: Epoch,
+    wanted: Horizon,
+    runs: &[Run],
+) -> Result<Trimmed, Refusal> {
+    if epoch < state.promised {
+        return Err(Refusal::Fenced {
+            promised: state.promised,
+        });
+    }
+    if epoch > state.promised {
+        return Err(Refusal::NotPromised {
+            promised: state.promised,
+        });
+    }
+    let point = wanted.compacted.saturating_sub(1);
+    let runs_well_formed = point == 0
+        || (runs.first().map(|r| r.first_seq) == Some(1)
+            && runs.windows(2).all(|w| w[0].first_seq < w[1].first_seq)
+            && runs
+                .iter()
+                .all(|r| r.first_seq <= point && r.epoch <= epoch));
+    if wanted.horizon >= LIMIT || wanted.compacted > wanted.horizon.max(1) || !runs_well_formed {
+        return Err(Refusal::Malformed);
+    }
+    let owner = LogState {
+        last_seq: point,
+        runs: runs.to_vec(),
+        ..LogState::default()
+    };
+    let holds = point == 0 || common_prefix(state, &owner) >= point;
+    let (next, truncate_after) = if holds {
+        (state.clone(), None)
+    } else {
+        let next = LogState {
+            last_seq: point,
+            runs: owner.runs,
+            ..state.clone()
+        };
+        (next, Some(point))
+    };
+    Ok(Trimmed {
+        state: next,
+        horizon: Horizon {
+            horizon: held.horizon.max(wanted.horizon),
+            compacted: held.compacted.max(wanted.compacted),
+        },
+        truncate_after,
+    })
 }
 
 /// The commit point of an owner: the highest seq stored by every node of its placement.
@@ -702,5 +774,87 @@ mod tests {
     fn commit_is_the_minimum_acknowledged() {
         assert_eq!(commit_point(&[5, 3, 9]), 3);
         assert_eq!(commit_point(&[]), 0);
+    }
+
+    fn horizon(horizon: u64, compacted: u64) -> Horizon {
+        Horizon { horizon, compacted }
+    }
+
+    #[test]
+    fn a_trim_records_the_higher_horizon_and_keeps_a_copy_that_holds_the_owners_log() {
+        let copy = log(&[(1, 10), (2, 10)]);
+        let before = |s: u64| truncate(&copy, s - 1).runs;
+        let applied = trim(&copy, horizon(4, 4), 2, horizon(12, 8), &before(8)).unwrap();
+        assert_eq!(applied.state, copy);
+        assert_eq!(applied.horizon, horizon(12, 8));
+        assert_eq!(applied.truncate_after, None);
+        // An older, lower horizon never lowers what the copy recorded.
+        let again = trim(&copy, applied.horizon, 2, horizon(9, 5), &before(5)).unwrap();
+        assert_eq!(again.horizon, horizon(12, 8));
+    }
+
+    #[test]
+    fn a_copy_behind_or_diverged_below_the_deletion_point_takes_the_owners_log_without_entries() {
+        let owner = log(&[(1, 10), (3, 20)]);
+        let before = |s: u64| truncate(&owner, s - 1).runs;
+        // Behind: it holds 5 entries; the owner can send only from 20 on.
+        let mut behind = log(&[(1, 5)]);
+        behind.promised = 3;
+        let applied = trim(&behind, Horizon::default(), 3, horizon(20, 20), &before(20)).unwrap();
+        assert_eq!(applied.state.last_seq, 19);
+        assert_eq!(epoch_at(&applied.state, 19), Some(3));
+        assert_eq!(applied.truncate_after, Some(19));
+        // An append after 19 now follows it.
+        let batch = slice(&owner, 20, 30);
+        let runs = runs_after(&owner, 19);
+        let p = placement(3, &["a", "b"]);
+        let next = append(
+            &applied.state,
+            &append_of(&owner, 3, &p, 19, &batch, &runs, 30),
+        )
+        .unwrap();
+        assert_eq!(next.state.last_seq, 30);
+        // Diverged: an epoch-2 stretch the owner does not have is dropped.
+        let mut diverged = log(&[(1, 10), (2, 15)]);
+        diverged.promised = 3;
+        let applied = trim(
+            &diverged,
+            Horizon::default(),
+            3,
+            horizon(20, 15),
+            &before(15),
+        )
+        .unwrap();
+        assert_eq!(applied.state.last_seq, 14);
+        assert_eq!(epoch_at(&applied.state, 14), Some(3));
+        assert_eq!(applied.truncate_after, Some(14));
+    }
+
+    #[test]
+    fn a_trim_is_fenced_like_an_append_and_malformed_ones_change_nothing() {
+        let copy = log(&[(1, 10), (2, 10)]);
+        let runs = copy.runs.clone();
+        let none = Horizon::default();
+        assert_eq!(
+            trim(&copy, none, 1, horizon(5, 5), &runs),
+            Err(Refusal::Fenced { promised: 2 })
+        );
+        assert_eq!(
+            trim(&copy, none, 3, horizon(5, 5), &runs),
+            Err(Refusal::NotPromised { promised: 2 })
+        );
+        // Deleting above the horizon, or runs that do not start at 1.
+        assert_eq!(
+            trim(&copy, none, 2, horizon(5, 6), &runs),
+            Err(Refusal::Malformed)
+        );
+        let bad = [Run {
+            epoch: 1,
+            first_seq: 3,
+        }];
+        assert_eq!(
+            trim(&copy, none, 2, horizon(5, 5), &bad),
+            Err(Refusal::Malformed)
+        );
     }
 }

@@ -10,6 +10,9 @@
 //! - **Retries are stored once**: an id acknowledged twice gets the same seq.
 //! - **No divergence under partition** (guarantee 4) is the same agreement across nodes, and
 //!   **availability after healing** (guarantee 5) is checked by the world at the end.
+//! - **Retention**: messages below a room's horizon may be gone, but a horizon a client was told
+//!   of never moves back (the final read's is at least every one reported), and every
+//!   acknowledged message at or above the final horizon is in the final read, in place.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -42,6 +45,8 @@ pub struct Checker {
     ids: HashMap<(RoomId, UserName, String), u64>,
     pub violations: Vec<String>,
     pub observations: u64,
+    /// The highest horizon any client was told of, by room.
+    horizons: BTreeMap<RoomId, u64>,
 }
 
 impl Checker {
@@ -112,6 +117,12 @@ impl Checker {
             .insert(seq, fact);
     }
 
+    /// A client was told that `room`'s messages below `horizon` were dropped by retention.
+    pub fn horizon(&mut self, room: &RoomId, horizon: u64) {
+        let highest = self.horizons.entry(room.clone()).or_insert(0);
+        *highest = (*highest).max(horizon);
+    }
+
     /// The highest acknowledged seq of a room.
     pub fn last_acked(&self, room: &RoomId) -> u64 {
         self.acked
@@ -120,12 +131,20 @@ impl Checker {
             .unwrap_or(0)
     }
 
-    /// A full read of `room` (from seq 1): every acknowledged message must be in it, in place.
-    pub fn full_read(&mut self, room: &RoomId, entries: &[Entry], how: &str) {
+    /// A full read of `room` (from seq 1, or from the room's `horizon`, below which retention
+    /// dropped the messages): every acknowledged message from there on must be in it, in place.
+    pub fn full_read(&mut self, room: &RoomId, entries: &[Entry], horizon: u64, how: &str) {
+        let first = horizon.max(1);
+        let told = self.horizons.get(room).copied().unwrap_or(0);
+        if told > first {
+            self.violate(format!(
+                "{how}: {room} starts at #{first}, but a client was told everything below #{told} is gone"
+            ));
+        }
         for (i, entry) in entries.iter().enumerate() {
-            if entry.seq != i as u64 + 1 {
+            if entry.seq != first + i as u64 {
                 self.violate(format!(
-                    "{how}: read of {room} not contiguous from 1: #{} at position {i}",
+                    "{how}: read of {room} not contiguous from #{first}: #{} at position {i}",
                     entry.seq
                 ));
                 return;
@@ -135,8 +154,9 @@ impl Checker {
         let Some(acked) = self.acked.get(room).cloned() else {
             return;
         };
-        for (seq, fact) in acked {
-            match entries.get(seq as usize - 1) {
+        for (seq, fact) in acked.range(first..) {
+            let (seq, fact) = (*seq, fact.clone());
+            match entries.get((seq - first) as usize) {
                 Some(entry) if Fact::of(entry) == fact => {}
                 Some(entry) => self.violate(format!(
                     "acked message lost: {room} #{seq} was acked as {fact:?}, {how} reads {:?}",

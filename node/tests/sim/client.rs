@@ -30,6 +30,9 @@ pub enum ToClient {
     },
     /// Messages of a room (live, or the catch-up of a join).
     Entries { room: RoomId, entries: Vec<Entry> },
+    /// Messages of a joined room this connection had not received were dropped by retention:
+    /// the next ones start at `horizon`.
+    Horizon { room: RoomId, horizon: u64 },
     /// The connection closed (the node went away, or refused it).
     Closed,
 }
@@ -344,6 +347,22 @@ impl Client {
                     self.receive(&room, entry.seq, &who, checker);
                 }
             }
+            ToClient::Horizon { room, horizon } => {
+                if !self.rooms.contains(&room) {
+                    return;
+                }
+                checker.horizon(&room, horizon);
+                match self.streams.get_mut(&room) {
+                    Some(Stream::Live { pos, .. }) => {
+                        *pos = (*pos).max(horizon.saturating_sub(1));
+                        let seen = self.seen.entry(room).or_insert(0);
+                        *seen = (*seen).max(*pos);
+                    }
+                    other => checker.violate(format!(
+                        "{who}: told {room}'s horizon #{horizon} while not joined ({other:?})"
+                    )),
+                }
+            }
             ToClient::Reply { reference, reply } => {
                 let Some((asked, _)) = reference.and_then(|r| self.inflight.remove(&r)) else {
                     return;
@@ -376,12 +395,18 @@ impl Client {
     }
 
     fn reply(&mut self, asked: Asked, reply: Reply, now: Time, who: &str, checker: &mut Checker) {
+        // Replies below a room's horizon are checked as the plain ones, from the horizon on.
+        let (reply, horizon) = reply.split_horizon();
+        let horizon = horizon.unwrap_or(0);
+        if let Reply::Joined { room, .. } | Reply::History { room, .. } = &reply {
+            checker.horizon(room, horizon);
+        }
         match (asked, reply) {
             (Asked::Join(room, since), Reply::Joined { seq, replay, .. }) => {
                 for entry in &replay {
                     checker.observe(&room, entry, &format!("{who} replay"));
                 }
-                let expected_first = since.map_or(seq + 1, |s| s + 1);
+                let expected_first = since.map_or(seq + 1, |s| s + 1).max(horizon);
                 let contiguous = replay
                     .iter()
                     .enumerate()
@@ -445,7 +470,7 @@ impl Client {
             }
             (Asked::History(_), Reply::Failed { .. }) => {}
             (Asked::Read(room), Reply::Joined { replay, .. }) => {
-                checker.full_read(&room, &replay, &format!("{who} full read"));
+                checker.full_read(&room, &replay, horizon, &format!("{who} full read"));
                 self.reads_done += 1;
             }
             (Asked::Read(room), Reply::Failed { .. }) => {

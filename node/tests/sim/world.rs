@@ -28,10 +28,11 @@ use chat_node::metrics::Metrics;
 use chat_node::rooms::core::{Effect, Flaw, LogReader, RoomConfig, RoomCore};
 use chat_node::rooms::host::{Route, moves, route};
 use chat_node::rooms::keeper::{FETCH_MAX_BYTES, KeeperCore, KeeperEffect};
+use chat_node::rooms::retention::{Retention, RetentionPolicy};
 use chat_node::store::{Memory, StoreError, Write};
 use chat_protocol::peer::{
-    AppendOutcome, Entry, Heartbeat, LogState, MemberInfo, PeerMessage, Reply, SessionId, ToHub,
-    ToKeeper, ToRoom, ToRooms,
+    AppendOutcome, Entry, Heartbeat, Horizon, LogState, MemberInfo, PeerMessage, Reply, SessionId,
+    ToHub, ToKeeper, ToRoom, ToRooms,
 };
 use chat_protocol::{ErrorCode, NodeName, RoomId, UserName};
 use serde_json::value::RawValue;
@@ -65,6 +66,8 @@ pub struct Settings {
     pub faults: bool,
     pub flaw: Option<Flaw>,
     pub trace: bool,
+    /// Messages kept in room `r0` (retention), if bounded; the other rooms keep everything.
+    pub retention: Option<u64>,
 }
 
 impl Settings {
@@ -83,6 +86,30 @@ impl Settings {
             faults: true,
             flaw: None,
             trace: false,
+            // Drawn last, so that the rest of each seed's workload is what it was without it.
+            retention: rng.chance(0.5).then(|| 3 + rng.range(0, 30)),
+        }
+    }
+
+    /// The retention of the simulated rooms.
+    fn retention_policy(&self) -> RetentionPolicy {
+        let rooms = self
+            .retention
+            .map(|messages| {
+                let room = RoomId::new("r0").expect("valid room");
+                (
+                    room,
+                    Retention {
+                        messages,
+                        age_ms: 0,
+                    },
+                )
+            })
+            .into_iter()
+            .collect();
+        RetentionPolicy {
+            default: Retention::default(),
+            rooms: Arc::new(rooms),
         }
     }
 }
@@ -91,6 +118,7 @@ impl Settings {
 #[derive(Debug)]
 pub struct Disk {
     pub logs: BTreeMap<RoomId, LogState>,
+    pub horizons: BTreeMap<RoomId, Horizon>,
     pub entries: BTreeMap<RoomId, BTreeMap<u64, Entry>>,
     known: Option<(Vec<NodeName>, bool)>,
     incarnation: u64,
@@ -105,6 +133,7 @@ impl Disk {
     fn fresh() -> Disk {
         Disk {
             logs: BTreeMap::new(),
+            horizons: BTreeMap::new(),
             entries: BTreeMap::new(),
             known: None,
             incarnation: 0,
@@ -129,6 +158,21 @@ impl Disk {
                     stored.insert(entry.seq, entry.clone());
                 }
                 self.logs.insert(room.clone(), state.clone());
+            }
+            DiskWrite::Log(Write::Trim {
+                room,
+                state,
+                horizon,
+                truncate_after,
+            }) => {
+                // Compaction at once: what it may delete is gone for every read from now on.
+                let stored = self.entries.entry(room.clone()).or_default();
+                if let Some(after) = truncate_after {
+                    stored.split_off(&(after + 1));
+                }
+                *stored = stored.split_off(&horizon.compacted);
+                self.logs.insert(room.clone(), state.clone());
+                self.horizons.insert(room.clone(), *horizon);
             }
             DiskWrite::Log(Write::Node { .. }) => {}
             DiskWrite::Known(names, bootstrapped) => {
@@ -1109,9 +1153,12 @@ impl World {
         let Some(life) = self.nodes[node].life.as_mut() else {
             return;
         };
-        let load = |room: &RoomId| -> Result<LogState, StoreError> {
+        let load = |room: &RoomId| -> Result<(LogState, Horizon), StoreError> {
             let disk = disk.lock().map_err(|_| StoreError::Stopped)?;
-            Ok(disk.logs.get(room).cloned().unwrap_or_default())
+            Ok((
+                disk.logs.get(room).cloned().unwrap_or_default(),
+                disk.horizons.get(room).copied().unwrap_or_default(),
+            ))
         };
         let effects = match life.keeper.on(message, lost_disk, load) {
             Ok(effects) => effects,
@@ -1292,6 +1339,7 @@ impl World {
             replay_cap: 100_000,
             idle: Duration::from_secs(60),
             queue_timeout: Duration::from_secs(4),
+            retention: self.settings.retention_policy(),
             flaw: self.settings.flaw,
         };
         let core = RoomCore::new(
@@ -1576,6 +1624,21 @@ impl World {
                     } => {
                         if let Some((client, conn)) = self.session(node, session) {
                             self.tell_client(client, conn, ToClient::Entries { room, entries });
+                        }
+                    }
+                    HubEffect::Horizon {
+                        room,
+                        horizon,
+                        sessions,
+                    } => {
+                        for session in sessions {
+                            if let Some((client, conn)) = self.session(node, session) {
+                                let event = ToClient::Horizon {
+                                    room: room.clone(),
+                                    horizon,
+                                };
+                                self.tell_client(client, conn, event);
+                            }
                         }
                     }
                     HubEffect::Presence { .. } | HubEffect::Direct { .. } => {}
@@ -2103,7 +2166,9 @@ impl World {
                 .filter(|n| {
                     let disk = n.disk.lock().expect("disk");
                     let stored = disk.entries.get(room);
-                    acked.iter().all(|(seq, fact)| {
+                    // Below what retention let the copy delete, nothing need be held.
+                    let kept = disk.horizons.get(room).map_or(0, |h| h.compacted);
+                    acked.range(kept..).all(|(seq, fact)| {
                         stored
                             .and_then(|s| s.get(seq))
                             .is_some_and(|e| crate::checker::Fact::of(e) == *fact)
@@ -2229,6 +2294,16 @@ fn describe_message(message: &PeerMessage) -> String {
                 format!("{room} appended {epoch} {outcome:?}")
             }
             ToRoom::Fetched { entries, .. } => format!("{room} fetched {}", entries.len()),
+            ToRoom::PromisedTrimmed {
+                epoch,
+                granted,
+                state,
+                horizon,
+                ..
+            } => format!(
+                "{room} promised {epoch} {granted} (last {} synced {} horizon {horizon:?})",
+                state.last_seq, state.synced
+            ),
         },
         PeerMessage::Keeper(ToKeeper::Append {
             room,
