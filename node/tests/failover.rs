@@ -1498,3 +1498,54 @@ async fn retried_sends_with_the_same_id_are_stored_once_across_a_failover() {
         relaunch_and_wait(&mut cluster, owner_i).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_far_behind_after_a_freeze_receives_every_message_in_order() {
+    const BIG: u64 = 1_100; // 1,100 messages of 4 KiB: more than one re-send holds (4 MiB)
+    let mut cluster = Cluster::plan(235, 3);
+    for i in 1..=3 {
+        cluster.set_args(i, vec!["--rate-limit".into(), "0".into()]);
+    }
+    for i in 1..=3 {
+        cluster.launch(i);
+    }
+    cluster.wait_formed().await;
+    let room = cluster.room_owned_by(1, "n1", "behind").await;
+    let mut alice = Client::connect(cluster.http(1), "alice").await;
+    alice.join(&room, None).await;
+    let mut bob = Client::connect(cluster.http(2), "bob").await;
+    bob.join(&room, None).await;
+    assert_eq!(alice.say(&room, "before").await, 1);
+    bob.messages_until(&room, 1).await;
+
+    // n2 freezes past the failure timeout; the room goes on without it.
+    cluster.node(2).signal("STOP");
+    let all = cluster.all_names();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while common::cluster::up_members(cluster.http(1)).await.as_ref() == Some(&all) {
+        assert!(Instant::now() < deadline, "n2 never declared down");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = "y".repeat(4000);
+    let texts: Vec<String> = (0..BIG).map(|i| format!("{i} {text}")).collect();
+    let seqs = alice.say_many(&room, &texts).await;
+    let last = *seqs.last().expect("acked");
+    assert_eq!(last, BIG + 1);
+
+    // Thawed, n2 catches up: bob receives every message after the one he had, in order.
+    cluster.node(2).signal("CONT");
+    let thawed = Instant::now();
+    let received = tokio::time::timeout(Duration::from_secs(60), bob.messages_until(&room, last))
+        .await
+        .expect("bob never received the last message");
+    let got: Vec<u64> = received
+        .iter()
+        .filter_map(|m| m["seq"].as_u64())
+        .filter(|seq| *seq > 1)
+        .collect();
+    assert_eq!(got, (2..=last).collect::<Vec<_>>(), "a gap or a repeat");
+    println!(
+        "a member {BIG} messages (4.4 MiB) behind caught up {:?} after the thaw",
+        thawed.elapsed()
+    );
+}

@@ -586,6 +586,13 @@ pub enum ToHub {
         /// The smallest seq still kept.
         horizon: u64,
     },
+    /// Follows the fan-outs that answered a [`ToRoom::Subscribe`] when they could not hold
+    /// everything after the cursor (a node far behind): subscribe again, with the cursor they
+    /// moved, for the next part. (Added last.)
+    Behind {
+        /// The room.
+        room: RoomId,
+    },
 }
 
 impl ToHub {
@@ -599,6 +606,7 @@ impl ToHub {
             ToHub::RoomActive { .. } => "room_active",
             ToHub::Reannounce { .. } => "reannounce",
             ToHub::Horizon { .. } => "horizon",
+            ToHub::Behind { .. } => "behind",
         }
     }
 }

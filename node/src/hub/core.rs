@@ -15,6 +15,8 @@
 //! owner, the hub subscribes there the same way. A connection whose join was answered with a
 //! seq below what the room already delivered here (its owner moved while it joined) is brought
 //! up to the cursor by a second, internal join with `since` before it receives live messages.
+//! A node far behind (past what one re-send holds) gets the oldest part first, then
+//! `ToHub::Behind`, and subscribes again from where that part left it, until it has caught up.
 //! When retention dropped messages after the cursor (the room moved on while this node was
 //! behind), the owner answers the subscription with the room's horizon: the cursor moves up to
 //! it, and the sessions are told that the messages before it are gone.
@@ -498,6 +500,9 @@ impl HubCore {
                 self.subscribe(&room);
             }
             ToHub::Horizon { room, horizon } => self.on_horizon(&room, horizon),
+            // The owner's re-send stopped short: the fan-outs before this moved the cursor
+            // (contiguously), so asking again fetches the next part.
+            ToHub::Behind { room } => self.subscribe(&room),
         }
         None
     }
@@ -1238,6 +1243,22 @@ mod tests {
             assert!(hub.take_effects().is_empty());
         }
         assert_eq!(fanout(&mut hub, &[32], now), vec![32]);
+    }
+
+    #[test]
+    fn a_node_far_behind_subscribes_again_from_where_each_part_of_the_resend_left_it() {
+        let (mut hub, now) = joined_hub(8);
+        let owner = view(&["a", "b", "c"], 1, 1).owner(&room()).unwrap().clone();
+        // A gap: the hub subscribes with its cursor.
+        assert_eq!(fanout(&mut hub, &[500], now), Vec::<u64>::new());
+        assert_eq!(subscriptions(&hub.take_effects()), vec![(owner.clone(), 8)]);
+        // The owner's answer holds only the oldest part, then says there is more.
+        assert_eq!(fanout(&mut hub, &[9, 10, 11], now), vec![9, 10, 11]);
+        hub.on_peer(ToHub::Behind { room: room() }, now);
+        assert_eq!(subscriptions(&hub.take_effects()), vec![(owner, 11)]);
+        // Live messages past the gap wait; the next part goes on contiguously.
+        assert_eq!(fanout(&mut hub, &[501], now), Vec::<u64>::new());
+        assert_eq!(fanout(&mut hub, &[12, 13], now), vec![12, 13]);
     }
 
     #[test]

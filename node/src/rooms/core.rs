@@ -1465,16 +1465,25 @@ impl RoomCore {
         if cursor >= self.commit {
             return;
         }
-        let from = (cursor + 1)
-            .max(self.commit.saturating_sub(self.config.replay_cap as u64) + 1)
-            .max(self.horizon);
-        let entries = self.newest(from, self.commit, REPLAY_BYTES);
+        // Oldest first, from just after the cursor: the node's stream must stay contiguous.
+        // What one re-send cannot hold follows when the node asks again (`Behind`).
+        let from = (cursor + 1).max(self.horizon);
+        let entries = self.range(from, self.commit, REPLAY_BYTES);
+        let behind = entries.last().is_some_and(|e| e.seq < self.commit);
         for chunk in chunks(entries) {
             self.effects.push(Effect::Hub(
                 node.clone(),
                 ToHub::Fanout {
                     room: self.id.clone(),
                     entries: chunk,
+                },
+            ));
+        }
+        if behind {
+            self.effects.push(Effect::Hub(
+                node,
+                ToHub::Behind {
+                    room: self.id.clone(),
                 },
             ));
         }
@@ -1597,7 +1606,6 @@ impl RoomCore {
         out
     }
 
-    /// The newest entries of `from..=to` that fit in about `max_bytes`, oldest first.
     /// The newest entries of `from..=to` whose rendered frames fit in about `max_bytes` (always
     /// at least one).
     fn newest(&self, from: u64, to: u64, max_bytes: usize) -> Vec<Entry> {
@@ -2484,6 +2492,52 @@ mod tests {
         // From just below the horizon nothing it asked for is gone.
         assert_eq!(subscribe(&mut cluster, 7), ["fanout [8, 9, 10]"]);
         assert!(subscribe(&mut cluster, 10).is_empty());
+    }
+
+    #[test]
+    fn a_node_far_behind_gets_the_oldest_part_first_and_is_asked_to_come_back_for_the_rest() {
+        let mut cluster = Cluster::new();
+        let mut core = cluster.core("a", &["a", "b", "c"], None);
+        cluster.settle(&mut core);
+        // Six messages of 1 MiB: more than one re-send holds (REPLAY_BYTES).
+        let big = "x".repeat(1 << 20);
+        for i in 1..=6 {
+            cluster.send(&mut core, i, &big, &format!("id{i}"));
+        }
+        assert_eq!(core.commit(), 6);
+        let mut subscribe = |cluster: &mut Cluster, cursor: u64| {
+            cluster.to_hubs.clear();
+            let message = ToRoom::Subscribe {
+                node: node("c"),
+                cursor,
+                sessions: vec![(1, user())],
+            };
+            core.on_peer(message, cluster.now, cluster.now, 1_000);
+            cluster.settle(&mut core);
+            let mut seqs_sent = Vec::new();
+            let mut behind = false;
+            for (to, message) in std::mem::take(&mut cluster.to_hubs) {
+                match message {
+                    ToHub::Fanout { entries, .. } if to == node("c") => {
+                        assert!(!behind, "a fan-out after Behind");
+                        seqs_sent.extend(seqs(&entries));
+                    }
+                    ToHub::Behind { .. } if to == node("c") => behind = true,
+                    _ => {}
+                }
+            }
+            (seqs_sent, behind)
+        };
+        // From the start: the oldest part, contiguous after the cursor, then Behind.
+        let (first, behind) = subscribe(&mut cluster, 0);
+        assert!(behind, "the rest was not announced");
+        assert_eq!(first, (1..=first.len() as u64).collect::<Vec<_>>());
+        assert!(first.len() < 6, "{first:?}");
+        // Asked again from where that left the node: the rest, and no Behind.
+        let cursor = *first.last().expect("something was sent");
+        let (rest, behind) = subscribe(&mut cluster, cursor);
+        assert_eq!(rest, (cursor + 1..=6).collect::<Vec<_>>());
+        assert!(!behind);
     }
 
     #[test]
