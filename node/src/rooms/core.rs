@@ -2367,6 +2367,23 @@ mod tests {
             core
         }
 
+        /// Node c subscribes at `core` with `cursor` (one session): what `core` sends c's hub.
+        fn subscribe_c(&mut self, core: &mut RoomCore, cursor: u64) -> Vec<ToHub> {
+            self.to_hubs.clear();
+            let message = ToRoom::Subscribe {
+                node: node("c"),
+                cursor,
+                sessions: vec![(1, user())],
+            };
+            core.on_peer(message, self.now, self.now, 1_000);
+            self.settle(core);
+            std::mem::take(&mut self.to_hubs)
+                .into_iter()
+                .filter(|(to, _)| *to == node("c"))
+                .map(|(_, message)| message)
+                .collect()
+        }
+
         /// Sends `m1` ..= `m{count}` (ids `id1` …) as requests 1 ..= `count`.
         fn send_numbered(&mut self, core: &mut RoomCore, count: u64) {
             for i in 1..=count {
@@ -2466,18 +2483,10 @@ mod tests {
         cluster.send_numbered(&mut core, 10);
         assert_eq!(core.horizon(), 8);
         let mut subscribe = |cluster: &mut Cluster, cursor: u64| {
-            cluster.to_hubs.clear();
-            let message = ToRoom::Subscribe {
-                node: node("c"),
-                cursor,
-                sessions: vec![(1, user())],
-            };
-            core.on_peer(message, cluster.now, cluster.now, 1_000);
-            cluster.settle(&mut core);
-            std::mem::take(&mut cluster.to_hubs)
+            cluster
+                .subscribe_c(&mut core, cursor)
                 .into_iter()
-                .filter(|(to, _)| *to == node("c"))
-                .map(|(_, message)| match message {
+                .map(|message| match message {
                     ToHub::Horizon { horizon, .. } => format!("horizon {horizon}"),
                     ToHub::Fanout { entries, .. } => format!("fanout {:?}", seqs(&entries)),
                     other => format!("{other:?}"),
@@ -2506,23 +2515,15 @@ mod tests {
         }
         assert_eq!(core.commit(), 6);
         let mut subscribe = |cluster: &mut Cluster, cursor: u64| {
-            cluster.to_hubs.clear();
-            let message = ToRoom::Subscribe {
-                node: node("c"),
-                cursor,
-                sessions: vec![(1, user())],
-            };
-            core.on_peer(message, cluster.now, cluster.now, 1_000);
-            cluster.settle(&mut core);
             let mut seqs_sent = Vec::new();
             let mut behind = false;
-            for (to, message) in std::mem::take(&mut cluster.to_hubs) {
+            for message in cluster.subscribe_c(&mut core, cursor) {
                 match message {
-                    ToHub::Fanout { entries, .. } if to == node("c") => {
+                    ToHub::Fanout { entries, .. } => {
                         assert!(!behind, "a fan-out after Behind");
                         seqs_sent.extend(seqs(&entries));
                     }
-                    ToHub::Behind { .. } if to == node("c") => behind = true,
+                    ToHub::Behind { .. } => behind = true,
                     _ => {}
                 }
             }
