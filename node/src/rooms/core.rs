@@ -1969,25 +1969,26 @@ mod tests {
         }
 
         fn send(&mut self, core: &mut RoomCore, req: u64, text: &str, id: &str) {
-            let origin = Origin {
-                node: node("c"),
-                req,
-            };
             let op = RoomOp::Publish {
                 user: user(),
                 text: text.into(),
                 client_id: Some(id.into()),
             };
-            core.on_peer(
-                ToRoom::Request {
-                    origin,
-                    op,
-                    hops: 0,
-                },
-                self.now,
-                self.now,
-                1_000,
-            );
+            self.request(core, req, op);
+        }
+
+        /// Hands `op` to `core` as request `req` from node c, and lets everything settle.
+        fn request(&mut self, core: &mut RoomCore, req: u64, op: RoomOp) {
+            let origin = Origin {
+                node: node("c"),
+                req,
+            };
+            let request = ToRoom::Request {
+                origin,
+                op,
+                hops: 0,
+            };
+            core.on_peer(request, self.now, self.now, 1_000);
             self.settle(core);
         }
 
@@ -2327,21 +2328,7 @@ mod tests {
     impl Cluster {
         /// Sends `op` as request `req` and returns the reply.
         fn ask(&mut self, core: &mut RoomCore, req: u64, op: RoomOp) -> Reply {
-            let origin = Origin {
-                node: node("c"),
-                req,
-            };
-            core.on_peer(
-                ToRoom::Request {
-                    origin,
-                    op,
-                    hops: 0,
-                },
-                self.now,
-                self.now,
-                1_000,
-            );
-            self.settle(core);
+            self.request(core, req, op);
             self.to_hubs
                 .iter()
                 .find_map(|(_, m)| match m {
