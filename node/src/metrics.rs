@@ -116,6 +116,10 @@ pub struct Inner {
     pub store_writable: Gauge,
     /// Store transactions that failed (a full disk, an I/O error), each failing its batch.
     pub store_commit_failures: Counter,
+    /// Rooms whose entries below their retention horizon are still to be deleted.
+    pub store_compaction_rooms: Gauge,
+    /// Entries deleted below retention horizons.
+    pub store_compacted: Counter,
 }
 
 impl std::ops::Deref for Metrics {
@@ -288,6 +292,18 @@ impl Metrics {
             "Store transactions that failed, each failing its batch of writes",
             store_commit_failures.clone(),
         );
+        let store_compaction_rooms = Gauge::default();
+        registry.register(
+            "store_compaction_rooms",
+            "Rooms with entries below their retention horizon still to delete",
+            store_compaction_rooms.clone(),
+        );
+        let store_compacted = Counter::default();
+        registry.register(
+            "store_compacted",
+            "Entries deleted below retention horizons",
+            store_compacted.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -315,6 +331,8 @@ impl Metrics {
                 store_commit_seconds,
                 store_writable,
                 store_commit_failures,
+                store_compaction_rooms,
+                store_compacted,
             }),
         }
     }

@@ -580,6 +580,8 @@ impl Store {
 #[derive(Debug, Clone, Default)]
 struct Compaction {
     pending: std::collections::BTreeMap<String, u64>,
+    /// Entries deleted and not yet counted in the metrics.
+    deleted: u64,
 }
 
 impl Compaction {
@@ -590,6 +592,16 @@ impl Compaction {
 
     fn is_done(&self) -> bool {
         self.pending.is_empty()
+    }
+
+    /// Publishes the rooms still to compact and the entries deleted since the last report.
+    fn report(&mut self, metrics: &Metrics) {
+        metrics
+            .store_compaction_rooms
+            .set(self.pending.len() as i64);
+        metrics
+            .store_compacted
+            .inc_by(std::mem::take(&mut self.deleted));
     }
 
     /// Deletes at most `budget` entries below the pending points; forgets the rooms done.
@@ -613,6 +625,7 @@ impl Compaction {
                 entries.remove((room.as_str(), seq)).map_err(db_err)?;
             }
             budget -= seqs.len();
+            self.deleted += seqs.len() as u64;
             if budget > 0 {
                 done.push(room.clone());
             }
@@ -748,13 +761,16 @@ fn run_writer(store: &Store, metrics: &Metrics, rx: &mpsc::Receiver<Queued>) {
             tracing::warn!(error = %e, "pending compactions unreadable; they resume with the next trims")
         }
     }
+    compaction.report(metrics);
     loop {
         let first = if store.writable() && !compaction.is_done() {
             // Compaction left to do: a transaction of it alone when no write is waiting.
             match rx.try_recv() {
                 Ok(queued) => Some(queued),
                 Err(mpsc::TryRecvError::Empty) => {
-                    if let Err(e) = store.apply_compacting(&[], &mut compaction) {
+                    let result = store.apply_compacting(&[], &mut compaction);
+                    compaction.report(metrics);
+                    if let Err(e) = result {
                         tracing::warn!(error = %e, "compaction failed; retrying with the next writes");
                         match rx.recv() {
                             Ok(queued) => Some(queued),
@@ -807,6 +823,7 @@ fn run_writer(store: &Store, metrics: &Metrics, rx: &mpsc::Receiver<Queued>) {
         let result = if store.writable() {
             let started = Instant::now();
             let result = store.apply_compacting(&writes, &mut compaction);
+            compaction.report(metrics);
             metrics
                 .store_commit_seconds
                 .observe(started.elapsed().as_secs_f64());
