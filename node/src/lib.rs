@@ -25,6 +25,7 @@ pub mod actors;
 pub mod clock;
 pub mod cluster;
 pub mod directory;
+pub mod fds;
 pub mod gateway;
 pub mod hub;
 pub mod metrics;
@@ -234,7 +235,7 @@ pub async fn start_node(settings: Settings) -> anyhow::Result<NodeHandle> {
     let (serving, serving_rx) = watch::channel(false);
     let (stop, stop_rx) = watch::channel(false);
     let gateway_config = GatewayConfig {
-        max_connections: settings.max_connections,
+        max_connections: fds::connection_limit(settings.max_connections, fds::open_files_limit()),
         max_frame_bytes: settings.max_frame_bytes,
         client_queue: settings.client_queue,
         client_queue_bytes: settings.client_queue_bytes,

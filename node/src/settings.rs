@@ -59,8 +59,8 @@ pub mod defaults {
     pub const RATE_LIMIT: u32 = 100;
     /// `replication-factor`: copies of each room's log, owner included.
     pub const REPLICATION_FACTOR: usize = 2;
-    /// `max-connections`: client connections served at once.
-    pub const MAX_CONNECTIONS: usize = 10_000;
+    /// `max-connections`: client connections served at once; 0: the open-files limit minus a reserve.
+    pub const MAX_CONNECTIONS: usize = 0;
     /// `client-queue`: outbound frames queued per connection.
     pub const CLIENT_QUEUE: usize = 1_024;
     /// `client-queue-bytes`: outbound bytes queued per connection before a slow client is cut off (close 1013).
@@ -204,7 +204,8 @@ pub struct Settings {
     pub cluster_tls_key: Option<PathBuf>,
     /// `cluster-tls-ca`: the CA certificate (PEM) peers' certificates must chain to.
     pub cluster_tls_ca: Option<PathBuf>,
-    /// `max-connections`: client connections served at once; more are refused.
+    /// `max-connections`: client connections served at once; more are refused. 0: the process's
+    /// open-files limit minus a reserve ([`crate::fds`]); a value above that is lowered to it.
     pub max_connections: usize,
     /// `client-queue`: outbound frames queued per connection before a slow client is cut off
     /// (close 1013).
@@ -447,7 +448,7 @@ pub struct Cli {
     /// The CA certificate (PEM) every node's certificate must chain to
     #[arg(long, value_name = "FILE")]
     pub cluster_tls_ca: Option<String>,
-    /// Client connections served at once [default: 10000]
+    /// Client connections served at once; 0 follows the open-files limit [default: 0]
     #[arg(long, value_name = "COUNT")]
     pub max_connections: Option<usize>,
     /// Outbound frames queued per connection before a slow client is cut off [default: 1024]
@@ -624,7 +625,6 @@ impl Settings {
             });
         }
         check_range("replication-factor", wide(self.replication_factor), 1..=5)?;
-        at_least("max-connections", wide(self.max_connections), 1)?;
         at_least("client-queue", wide(self.client_queue), 16)?;
         at_least("client-queue-bytes", wide(self.client_queue_bytes), 65536)?;
         at_least(
@@ -2041,7 +2041,6 @@ mod tests {
             (&["--public-url", "localhost:8081"], "public-url"),
             (&["--max-frame-bytes", "1023"], "max-frame-bytes"),
             (&["--max-text-bytes", "0"], "max-text-bytes"),
-            (&["--max-connections", "0"], "max-connections"),
             (&["--client-queue", "15"], "client-queue"),
             (&["--client-queue-bytes", "65535"], "client-queue-bytes"),
             (

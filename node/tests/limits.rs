@@ -254,6 +254,33 @@ async fn connections_beyond_max_connections_get_503_until_one_closes() {
 }
 
 #[tokio::test]
+async fn by_default_the_connection_limit_follows_the_open_files_limit() {
+    // Soft limit 300, hard 600: the node raises its soft limit to 600 and keeps 512 files for
+    // peers, the store and HTTP, so it serves 88 connections and refuses the next with 503.
+    let node = NodeProcess::start_through("n1", &["prlimit", "--nofile=300:600"], &[]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", node.pid())).expect("limits");
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("open files line");
+    assert_eq!(
+        open_files.split_whitespace().nth(3),
+        Some("600"),
+        "{open_files}"
+    );
+    let mut clients = Vec::new();
+    for n in 0..88 {
+        clients.push(Client::connect(node.http, &format!("user{n}")).await);
+    }
+    assert_eq!(upgrade_status(node.http, "/ws?user=late").await, 503);
+    let health = common::http_request(node.http, "/healthz").await;
+    assert_eq!(health.status, 200, "plain HTTP is still served");
+    for client in &mut clients {
+        client.assert_alive().await;
+    }
+}
+
+#[tokio::test]
 async fn sends_over_the_rate_limit_are_refused_and_not_delivered() {
     let node = NodeProcess::start("n1", &["--rate-limit", "5"]);
     let mut alice = Client::connect(node.http, "alice").await;

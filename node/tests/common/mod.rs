@@ -98,6 +98,19 @@ impl NodeProcess {
         node
     }
 
+    /// Like [`NodeProcess::start`], launched through `prefix` (a program that execs the node,
+    /// such as `prlimit --nofile=N`: the child's pid is still the node's).
+    pub fn start_through(name: &str, prefix: &[&str], extra: &[&str]) -> NodeProcess {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let data_dir = temp.path().join(name);
+        let mut node = NodeProcess::build(name, "127.0.0.1", &data_dir, extra);
+        node.prefix = prefix.iter().map(|s| (*s).to_owned()).collect();
+        node.launch();
+        node._temp = Some(temp);
+        node.wait_healthy();
+        node
+    }
+
     /// Spawns a node on `ip` with `data_dir`, without waiting for it.
     pub fn spawn_in(name: &str, ip: &str, data_dir: &Path, extra: &[&str]) -> NodeProcess {
         let mut node = NodeProcess::build(name, ip, data_dir, extra);
