@@ -6,7 +6,7 @@
 //!        │ Net::send(node, PeerMessage)        ▲ inbox(ToRooms | ToKeeper | ToHub | ToDirectory)
 //!        ▼                                     │
 //!   Net ── to this node: straight to the inbox, unencoded
-//!     └─── to a peer: wire::encode once ─> Link ══ractor_cluster══> Router(peer) ─> wire::decode
+//!     └─── to a peer: wire::encode once ─> Link (batches) ══ractor_cluster══> Router(peer) ─> wire::decode
 //!                                                                      ─> the peer's Net inboxes
 //! ```
 //!

@@ -202,7 +202,10 @@ impl Actor for Links {
                 };
                 tracing::info!(peer = %name, "node session ready");
                 state.sessions.insert(name.clone(), session);
-                state.args.net.add_link(name, Link::new(router));
+                state
+                    .args
+                    .net
+                    .add_link(name, Link::new(router, tokio::runtime::Handle::current()));
             }
             LinksMessage::Closed(name, id) => {
                 if state.sessions.get(&name).is_some_and(|s| s.get_id() == id) {

@@ -1,8 +1,8 @@
 //! The Router actor: the only actor of a node that other nodes can message.
 //!
 //! ractor_cluster gives every remotable actor a stand-in on every peer, so the node exposes one:
-//! peers find it through the process group [`wire::group`] and cast it encoded envelopes. It
-//! decodes each one (a payload that fails to decode is logged and counted, never silently
+//! peers find it through the process group [`wire::group`] and cast it batches of encoded
+//! envelopes. It decodes each one (a payload that fails to decode is logged and counted, never silently
 //! dropped), credits the sender for flow control, and hands the message to [`Net::deliver`].
 
 use std::collections::HashMap;
@@ -54,41 +54,58 @@ impl Actor for Router {
         message: RouterMessage,
         state: &mut RouterState,
     ) -> Result<(), ActorProcessingErr> {
-        let RouterMessage::Deliver(bytes) = message;
-        let envelope = match wire::decode(&bytes) {
-            Ok(envelope) => envelope,
-            Err(e) => {
-                state.net.metrics().peer_decode_failures.inc();
-                // A peer speaking garbage must not flood the log: one line per second at most.
-                let now = std::time::Instant::now();
-                if state
-                    .last_failure_log
-                    .is_none_or(|t| now.duration_since(t).as_secs() >= 1)
-                {
-                    state.last_failure_log = Some(now);
-                    tracing::warn!(error = %e, bytes = bytes.len(), "undecodable message from a peer dropped");
+        match message {
+            RouterMessage::Deliver(bytes) => state.receive(&bytes),
+            RouterMessage::DeliverBatch(batch) => {
+                for frame in wire::frames(&batch) {
+                    match frame {
+                        Ok(bytes) => state.receive(bytes),
+                        Err(e) => state.undecodable(&e, batch.len()),
+                    }
                 }
-                return Ok(());
             }
+        }
+        Ok(())
+    }
+}
+
+impl RouterState {
+    /// Decodes one envelope and hands its message over.
+    fn receive(&mut self, bytes: &[u8]) {
+        let envelope = match wire::decode(bytes) {
+            Ok(envelope) => envelope,
+            Err(e) => return self.undecodable(&e, bytes.len()),
         };
         let from = envelope.from;
-        state
-            .net
+        self.net
             .metrics()
             .peer(Direction::Received, envelope.message.kind(), bytes.len());
         if let PeerMessage::Credit { bytes } = envelope.message {
-            state.net.credit(&from, bytes);
-            return Ok(());
+            self.net.credit(&from, bytes);
+            return;
         }
-        let received = state.received.entry(from.clone()).or_insert(0);
+        let received = self.received.entry(from.clone()).or_insert(0);
         *received += bytes.len() as u64;
         if *received >= CREDIT_EVERY {
             let credit = std::mem::take(received);
-            let _ = state.net.send(&from, PeerMessage::Credit { bytes: credit });
+            let _ = self.net.send(&from, PeerMessage::Credit { bytes: credit });
         }
-        if state.net.deliver(envelope.message).is_err() {
+        if self.net.deliver(envelope.message).is_err() {
             tracing::debug!(peer = %from, "no local receiver for a peer message");
         }
-        Ok(())
+    }
+
+    /// Counts bytes from a peer that do not decode; a peer speaking garbage must not flood the
+    /// log: one line per second at most.
+    fn undecodable(&mut self, error: &dyn std::fmt::Display, len: usize) {
+        self.net.metrics().peer_decode_failures.inc();
+        let now = std::time::Instant::now();
+        if self
+            .last_failure_log
+            .is_none_or(|t| now.duration_since(t).as_secs() >= 1)
+        {
+            self.last_failure_log = Some(now);
+            tracing::warn!(error = %error, bytes = len, "undecodable message from a peer dropped");
+        }
     }
 }
