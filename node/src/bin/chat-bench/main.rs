@@ -37,6 +37,7 @@ mod baseline;
 mod chart;
 mod idle;
 mod report;
+mod sweep;
 mod workload;
 
 use clap::{Parser, Subcommand};
@@ -71,7 +72,7 @@ enum Mode {
         #[command(flatten)]
         workload: workload::Workload,
         #[command(flatten)]
-        sweep: workload::Sweep,
+        sweep: sweep::Sweep,
         /// Print the steps as one JSON object on stdout.
         #[arg(long)]
         json: bool,
@@ -106,7 +107,7 @@ fn main() -> anyhow::Result<()> {
                 sweep,
                 json,
                 svg,
-            } => workload::sweep(workload, sweep, json, svg).await,
+            } => sweep::run(workload, sweep, json, svg).await,
             Mode::Idle(args) => idle::run(args).await,
             Mode::Baseline { listen } => baseline::serve(&listen).await,
         }

@@ -1,8 +1,7 @@
-//! The chat workload: connecting the clients, running one rate on them, and the `chat` and
-//! `sweep` modes built on that.
+//! The chat workload: connecting the clients, running one rate on them (the `chat` mode), with
+//! coordinated-omission-free timing, per-shard histograms and a progress line.
 
 use std::borrow::Cow;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,7 +15,6 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::chart;
 use crate::report::{Latency, Step, histogram};
 
 /// A client connection.
@@ -86,11 +84,11 @@ pub struct Workload {
 }
 
 impl Workload {
-    fn senders(&self) -> usize {
+    pub fn senders(&self) -> usize {
         self.senders.unwrap_or(self.members).min(self.members)
     }
 
-    fn json(&self) -> Value {
+    pub fn json(&self) -> Value {
         json!({
             "nodes": self.nodes, "rooms": self.rooms, "members": self.members,
             "senders": self.senders(), "size": self.size, "secs": self.secs,
@@ -98,29 +96,6 @@ impl Workload {
         })
     }
 }
-
-/// How a sweep steps and what passes.
-#[derive(clap::Args, Debug, Clone)]
-pub struct Sweep {
-    /// Bound on p99 send→delivery for a step to pass, milliseconds.
-    #[arg(long, default_value_t = 100.0)]
-    pub p99_ms: f64,
-    /// Rate of the first step, messages per second.
-    #[arg(long, default_value_t = 1000.0)]
-    pub from: f64,
-    /// Each step's rate over the previous one's.
-    #[arg(long, default_value_t = 1.25)]
-    pub factor: f64,
-    /// Most steps of increasing rate.
-    #[arg(long, default_value_t = 20)]
-    pub max_steps: usize,
-    /// Bisection steps between the last passing and the first failing rate.
-    #[arg(long, default_value_t = 2)]
-    pub refine: usize,
-}
-
-/// Fraction of the expected deliveries a passing sweep step must reach.
-const MIN_DELIVERED: f64 = 0.99;
 
 /// Connects as `user` (with a token if `auth` gives one) and reads the welcome frame.
 pub async fn connect(node: &str, user: &str, auth: &Auth) -> anyhow::Result<Ws> {
@@ -171,8 +146,8 @@ struct Slot {
 }
 
 /// All clients, kept connected from one step to the next.
-struct Fleet {
-    workload: Workload,
+pub struct Fleet {
+    pub workload: Workload,
     slots: Vec<Slot>,
     /// The clock every text's intended time is relative to.
     epoch: Instant,
@@ -205,7 +180,7 @@ impl Fleet {
     }
 
     /// Connects and joins every client that has no connection; returns how many it opened.
-    async fn connect_missing(&mut self) -> anyhow::Result<usize> {
+    pub async fn connect_missing(&mut self) -> anyhow::Result<usize> {
         let auth = &self.workload.auth;
         let missing: Vec<&mut Slot> = self.slots.iter_mut().filter(|s| s.ws.is_none()).collect();
         let count = missing.len();
@@ -224,7 +199,7 @@ impl Fleet {
     }
 
     /// Offers `rate` messages per second for warmup + secs and measures the second part.
-    async fn run(&mut self, rate: f64) -> anyhow::Result<Step> {
+    pub async fn run(&mut self, rate: f64) -> anyhow::Result<Step> {
         let w = self.workload.clone();
         anyhow::ensure!(rate > 0.0, "need a rate > 0");
         let senders = w.rooms * w.senders();
@@ -276,7 +251,7 @@ impl Fleet {
                 }
             }));
         }
-        let progress = tokio::spawn(progress(shared.clone(), start, measure_from));
+        let progress = tokio::spawn(progress(shared.clone(), rate, start, measure_from));
         let members = w.members as u64;
         let drain_until = measure_to + Duration::from_secs_f64(w.drain);
         // The writers end after their last send; one stuck on a node that stopped reading is
@@ -515,8 +490,9 @@ async fn read(
     }
 }
 
-/// Prints one line a second on stderr: rates over the last second, errors, recent p99.
-async fn progress(shared: Arc<Shared>, start: Instant, measure_from: Instant) {
+/// Prints one line a second on stderr: the offered rate, what was sent, acked and delivered in
+/// the last second, errors so far, and the p99 latencies of the last second.
+async fn progress(shared: Arc<Shared>, rate: f64, start: Instant, measure_from: Instant) {
     let c = &shared.counters;
     let mut tick = tokio::time::interval_at(
         (start + Duration::from_secs(1)).into(),
@@ -544,7 +520,7 @@ async fn progress(shared: Arc<Shared>, start: Instant, measure_from: Instant) {
             "measure"
         };
         eprintln!(
-            "[{:>4.0} s {phase:<7}] offered {:>7}/s  acked {:>7}/s  delivered {:>8}/s  errors {:>5}  p99 ack {:>8.2} ms  delivery {:>8.2} ms",
+            "[{:>4.0} s {phase:<7}] offered {rate:.0}/s  sent {:>7}/s  acked {:>7}/s  delivered {:>8}/s  errors {:>5}  p99 ack {:>8.2} ms  delivery {:>8.2} ms",
             (now - start).as_secs_f64(),
             counts.0 - last.0,
             counts.1 - last.1,
@@ -558,7 +534,7 @@ async fn progress(shared: Arc<Shared>, start: Instant, measure_from: Instant) {
 }
 
 /// Writes the final JSON (stdout) and the human summary (stderr with --json, else stdout).
-fn say(json: bool, text: &str) {
+pub fn say(json: bool, text: &str) {
     if json {
         eprintln!("{text}");
     } else {
@@ -566,8 +542,8 @@ fn say(json: bool, text: &str) {
     }
 }
 
-/// Connects the clients and saying so.
-async fn open(workload: Workload, json: bool) -> anyhow::Result<Fleet> {
+/// Connects the clients, saying so.
+pub async fn open(workload: Workload, json: bool) -> anyhow::Result<Fleet> {
     let w = &workload;
     say(
         json,
@@ -607,133 +583,4 @@ pub async fn chat(workload: Workload, rate: f64, json: bool) -> anyhow::Result<(
         println!("{out}");
     }
     Ok(())
-}
-
-/// Whether a sweep step passes: nearly everything delivered, p99 under the bound.
-fn passes(step: &Step, p99_ms: f64) -> bool {
-    step.delivered_fraction() >= MIN_DELIVERED && step.delivery.p99 < p99_ms
-}
-
-/// `sweep`: steps of increasing rate, then a bisection, keeping the clients connected.
-pub async fn sweep(
-    workload: Workload,
-    sweep: Sweep,
-    json: bool,
-    svg: Option<PathBuf>,
-) -> anyhow::Result<()> {
-    anyhow::ensure!(sweep.factor > 1.0, "need --factor > 1");
-    anyhow::ensure!(sweep.from > 0.0, "need --from > 0");
-    let mut fleet = open(workload, json).await?;
-    let mut steps: Vec<(Step, bool)> = Vec::new();
-    let (mut good, mut bad) = (None::<f64>, None::<f64>);
-    let mut rate = sweep.from;
-    for _ in 0..sweep.max_steps {
-        let ok = run_step(&mut fleet, rate, &sweep, json, &mut steps).await?;
-        if !ok {
-            bad = Some(rate);
-            break;
-        }
-        good = Some(rate);
-        rate *= sweep.factor;
-    }
-    if let (Some(mut lo), Some(mut hi)) = (good, bad) {
-        for _ in 0..sweep.refine {
-            let mid = (lo * hi).sqrt();
-            if run_step(&mut fleet, mid, &sweep, json, &mut steps).await? {
-                lo = mid;
-                good = Some(mid);
-            } else {
-                hi = mid;
-            }
-        }
-    }
-    steps.sort_by(|a, b| a.0.rate.total_cmp(&b.0.rate));
-    say(json, &table(&steps));
-    say(
-        json,
-        &match good {
-            Some(rate) => format!(
-                "highest rate passing (≥ {:.0}% delivered, p99 send→delivery < {} ms): {rate:.0} msg/s",
-                MIN_DELIVERED * 100.0,
-                sweep.p99_ms
-            ),
-            None => format!("no step passed; the first ({:.0} msg/s) failed", sweep.from),
-        },
-    );
-    if let Some(path) = svg {
-        let points = |f: fn(&Step) -> f64| steps.iter().map(|(s, _)| (s.rate, f(s))).collect();
-        let chart = chart::Chart {
-            title: format!(
-                "send → delivery, {} rooms × {} members, {} senders per room",
-                fleet.workload.rooms,
-                fleet.workload.members,
-                fleet.workload.senders()
-            ),
-            x_label: "offered rate (msg/s)".into(),
-            y_label: "latency (ms)".into(),
-            log_y: true,
-            series: vec![
-                chart::Series::new("p50", "#1f77b4", points(|s| s.delivery.p50)),
-                chart::Series::new("p99", "#d62728", points(|s| s.delivery.p99)),
-            ],
-            threshold: Some((sweep.p99_ms, format!("bound {} ms", sweep.p99_ms))),
-        };
-        std::fs::write(&path, chart.svg())?;
-        say(json, &format!("chart written to {}", path.display()));
-    }
-    if json {
-        let out = json!({
-            "mode": "sweep",
-            "workload": fleet.workload.json(),
-            "p99_ms": sweep.p99_ms,
-            "min_delivered_fraction": MIN_DELIVERED,
-            "highest_passing_rate": good,
-            "steps": steps.iter().map(|(s, ok)| {
-                let mut v = s.json();
-                v["passed"] = (*ok).into();
-                v
-            }).collect::<Vec<_>>(),
-        });
-        println!("{out}");
-    }
-    Ok(())
-}
-
-async fn run_step(
-    fleet: &mut Fleet,
-    rate: f64,
-    sweep: &Sweep,
-    json: bool,
-    steps: &mut Vec<(Step, bool)>,
-) -> anyhow::Result<bool> {
-    let reconnected = fleet.connect_missing().await?;
-    if reconnected > 0 {
-        say(json, &format!("reconnected {reconnected} clients"));
-    }
-    say(json, &format!("step: {rate:.0} msg/s"));
-    let step = fleet.run(rate).await?;
-    let ok = passes(&step, sweep.p99_ms);
-    say(json, &step.text());
-    steps.push((step, ok));
-    Ok(ok)
-}
-
-fn table(steps: &[(Step, bool)]) -> String {
-    let mut out = String::from(
-        "offered/s   acked/s  deliveries/s  delivered  ack p99 ms  delivery p50 ms  p99 ms  pass\n",
-    );
-    for (s, ok) in steps {
-        out += &format!(
-            "{:>9.0} {:>9.0} {:>13.0} {:>9.2}% {:>11.2} {:>16.2} {:>7.2}  {}\n",
-            s.rate,
-            s.acked as f64 / s.secs,
-            s.deliveries as f64 / s.secs,
-            100.0 * s.delivered_fraction(),
-            s.ack.p99,
-            s.delivery.p50,
-            s.delivery.p99,
-            if *ok { "yes" } else { "no" }
-        );
-    }
-    out
 }
