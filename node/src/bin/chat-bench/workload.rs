@@ -109,7 +109,8 @@ pub async fn connect(node: &str, user: &str, auth: &Auth) -> anyhow::Result<Ws> 
     }
     let (mut ws, _) = tokio::time::timeout(
         Duration::from_secs(10),
-        tokio_tungstenite::connect_async(request),
+        // Without Nagle's algorithm, as the node's side: a small frame is not held back.
+        tokio_tungstenite::connect_async_with_config(request, None, true),
     )
     .await
     .map_err(|_| anyhow::anyhow!("connecting to {node} timed out"))??;
@@ -217,7 +218,7 @@ impl Fleet {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
-        let padding = Arc::<str>::from("x".repeat(w.size.saturating_sub(18)));
+        let padding = Arc::<str>::from("x".repeat(w.size));
         let mut readers = Vec::new();
         let mut writers = Vec::new();
         for slot in &mut self.slots {
@@ -399,7 +400,10 @@ async fn write(
         }
         tokio::time::sleep_until(intended.into()).await;
         // The ref and the text carry the intended time: a late send counts its own delay.
-        let text = format!("{intended_us} {padding}");
+        let mut text = format!("{intended_us} ");
+        // ASCII padding: any length is a char boundary. The text is --size bytes, or just the
+        // time when --size is shorter than that.
+        text.push_str(&padding[..padding.len().saturating_sub(text.len())]);
         let frame = json!({"type":"send","ref":intended_us,"room":room,"text":text});
         if sink
             .send(Message::Text(frame.to_string().into()))
