@@ -112,8 +112,15 @@ fn assert_complete(result: &Value, rooms: u64, members: u64, senders: u64) {
     assert_eq!(result["delivered_fraction"], 1.0, "{result}");
     assert_eq!(result["errors"], 0, "{result}");
     assert_eq!(result["lost_connections"], 0, "{result}");
+    // Only the measured window counts, not the warmup: rate × secs, give or take one message
+    // per sender at either edge of the window.
     let offered = result["offered"].as_u64().unwrap();
-    assert!(offered > 0, "{result}");
+    let scheduled = result["offered_rate"].as_f64().unwrap() * result["secs"].as_f64().unwrap();
+    let per_edge = (rooms * senders) as f64;
+    assert!(
+        (offered as f64 - scheduled).abs() <= per_edge,
+        "offered {offered}, scheduled {scheduled}: {result}"
+    );
     assert_eq!(result["acked"].as_u64(), Some(offered), "{result}");
     assert_eq!(
         result["deliveries"].as_u64(),
