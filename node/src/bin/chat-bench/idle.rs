@@ -29,6 +29,11 @@ pub struct Idle {
     /// count use distinct users.
     #[arg(long, default_value_t = 0)]
     first: usize,
+    /// Source addresses to connect from, in turn (comma separated): a node caps the connections
+    /// of one address (`--max-connections-per-address`), so a count above that needs several,
+    /// e.g. `--bind $(seq -s, -f 127.0.1.%g 1 20)` towards nodes on loopback.
+    #[arg(long, value_delimiter = ',')]
+    bind: Vec<std::net::IpAddr>,
     /// PID of a node on this machine whose RSS is read (from /proc/PID/status) as connections open.
     #[arg(long)]
     pid: Option<u32>,
@@ -94,7 +99,8 @@ pub async fn run(args: Idle) -> anyhow::Result<()> {
     for n in 0..args.connections {
         let i = args.first + n;
         let node = &args.nodes[i % args.nodes.len()];
-        let mut ws = connect(node, &format!("idle{i}"), &args.auth).await?;
+        let from = (!args.bind.is_empty()).then(|| args.bind[i % args.bind.len()]);
+        let mut ws = connect(node, &format!("idle{i}"), &args.auth, from).await?;
         join(&mut ws, &format!("idle-{}", i % 100)).await?;
         // Keep reading so that presence events do not fill the node's queues.
         readers.push(tokio::spawn(async move {

@@ -97,8 +97,14 @@ impl Workload {
     }
 }
 
-/// Connects as `user` (with a token if `auth` gives one) and reads the welcome frame.
-pub async fn connect(node: &str, user: &str, auth: &Auth) -> anyhow::Result<Ws> {
+/// Connects as `user` (with a token if `auth` gives one), from the source address `from` when
+/// given, and reads the welcome frame.
+pub async fn connect(
+    node: &str,
+    user: &str,
+    auth: &Auth,
+    from: Option<std::net::IpAddr>,
+) -> anyhow::Result<Ws> {
     let mut request = format!("ws://{node}/ws?user={user}").into_client_request()?;
     if let Some(token) = auth.token_for(user) {
         // In the header rather than the URL, which ends up in access logs.
@@ -107,13 +113,31 @@ pub async fn connect(node: &str, user: &str, auth: &Auth) -> anyhow::Result<Ws> 
             format!("chat, token.{token}").parse()?,
         );
     }
-    let (mut ws, _) = tokio::time::timeout(
-        Duration::from_secs(10),
+    let handshake = async {
+        let to = tokio::net::lookup_host(node)
+            .await?
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("{node} resolves to no address"))?;
+        let stream = match from {
+            Some(from) => {
+                let socket = match from {
+                    std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                    std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+                };
+                socket.bind((from, 0).into())?;
+                socket.connect(to).await?
+            }
+            None => tokio::net::TcpStream::connect(to).await?,
+        };
         // Without Nagle's algorithm, as the node's side: a small frame is not held back.
-        tokio_tungstenite::connect_async_with_config(request, None, true),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("connecting to {node} timed out"))??;
+        stream.set_nodelay(true)?;
+        let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+        let (ws, _) = tokio_tungstenite::client_async_with_config(request, stream, None).await?;
+        anyhow::Ok(ws)
+    };
+    let mut ws = tokio::time::timeout(Duration::from_secs(10), handshake)
+        .await
+        .map_err(|_| anyhow::anyhow!("connecting to {node} timed out"))??;
     match ws.next().await {
         Some(Ok(Message::Text(text))) if text.contains("\"welcome\"") => Ok(ws),
         other => anyhow::bail!("no welcome from {node}: {other:?}"),
@@ -187,7 +211,7 @@ impl Fleet {
         let count = missing.len();
         // A few handshakes at once: the node accepts in parallel, and 1,000 one by one is slow.
         let mut opened = futures_util::stream::iter(missing.into_iter().map(|slot| async move {
-            let mut ws = connect(&slot.node, &slot.user, auth).await?;
+            let mut ws = connect(&slot.node, &slot.user, auth, None).await?;
             join(&mut ws, &slot.room).await?;
             slot.ws = Some(ws);
             anyhow::Ok(())
