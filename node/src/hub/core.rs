@@ -163,6 +163,14 @@ impl LocalRoom {
     fn is_empty(&self) -> bool {
         self.active.is_empty() && self.joining.is_empty()
     }
+
+    fn done_joining(&mut self, session: SessionId) {
+        self.joining.remove(&session);
+        if self.joining.is_empty() {
+            // Most rooms see few joins: the set's buffer is given back (every room holds one).
+            self.joining = HashSet::new();
+        }
+    }
 }
 
 enum Kind {
@@ -640,7 +648,7 @@ impl HubCore {
         match lr.cursor {
             None => {
                 lr.cursor = Some(seq);
-                lr.joining.remove(&session);
+                lr.done_joining(session);
                 lr.active.insert(session, seq);
                 // The room moved while the join travelled (its new owner may even have invited
                 // this node before the answer came, on another link): follow it from here.
@@ -682,14 +690,14 @@ impl HubCore {
             }
             Some(cursor) if cursor < seq && !lr.resyncing => {
                 // Fan-out reached us for messages up to `seq` only partly: fetch the rest.
-                lr.joining.remove(&session);
+                lr.done_joining(session);
                 lr.active.insert(session, seq);
                 self.subscribe(room);
                 return;
             }
             _ => {}
         }
-        lr.joining.remove(&session);
+        lr.done_joining(session);
         lr.active.insert(session, seq);
     }
 

@@ -961,6 +961,14 @@ impl RoomCore {
             }
             self.serve(waiting.origin, waiting.op, waiting.received, now);
         }
+        // Requests and subscriptions wait here only while the room claims: once it serves, their
+        // buffers are given back (every room holds them, and most never queue again).
+        if self.queue.is_empty() {
+            self.queue = VecDeque::new();
+        }
+        if self.subscriptions.is_empty() {
+            self.subscriptions = VecDeque::new();
+        }
         self.pump();
     }
 
