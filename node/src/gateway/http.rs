@@ -611,7 +611,9 @@ async fn start_session(
 ) {
     let frame = gateway.config.max_frame_bytes;
     // Buffers sized for many idle connections: tungstenite's 128 KiB defaults would cost
-    // ~900 MB per 10,000 sockets. The read buffer grows only for the frame being read. Frames
+    // ~900 MB per 10,000 sockets. The read buffer is allocated whole with the socket and grows
+    // only for the frame being read: 1 KiB rather than 4 saves 3 KiB of every idle connection
+    // and holds several of the usual frames per read (docs/benchmarks.md). Frames
     // the writer feeds in one batch are coalesced up to 8 KiB per `send` system call (0 here
     // meant one call per frame: a node saturated at ~9,100 msg/s instead of over 15,000,
     // docs/benchmarks.md); an active connection keeps that much buffer, an idle one none.
@@ -620,7 +622,7 @@ async fn start_session(
     // outbox bounds the rest). A bound below the largest frame, a `history` page of about 1 MiB,
     // would fail that frame's write and drop the connection.
     let config = WebSocketConfig::default()
-        .read_buffer_size(4 << 10)
+        .read_buffer_size(1 << 10)
         .write_buffer_size(8 << 10)
         .max_write_buffer_size(usize::MAX)
         .max_frame_size(Some(frame))
@@ -682,17 +684,14 @@ async fn start_session(
             return;
         }
     };
-    let (sink, stream) = socket.split();
-    let idle = gateway.config.idle_timeout;
-    let reader = tokio::spawn(socket::read_loop(stream, session.clone(), outbox, idle));
-    tokio::spawn(socket::write_loop(
-        sink,
+    tokio::spawn(socket::serve(
+        socket,
         frames,
         close,
-        reader.abort_handle(),
+        outbox,
         session,
         gateway.metrics().clone(),
-        idle / 3,
+        gateway.config.idle_timeout,
     ));
 }
 

@@ -7,10 +7,10 @@
 //! never costs the node more than its byte bound plus one reply. An entry always fits in an
 //! empty queue, so a client that reads is never cut off for one large reply.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, watch};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -92,13 +92,61 @@ impl Outgoing {
     }
 }
 
-/// The bounded queue of frames towards one client. Cheap to clone.
-#[derive(Clone)]
-pub struct Outbox {
-    tx: mpsc::Sender<Outgoing>,
-    close: Arc<watch::Sender<Option<Closing>>>,
-    queued: Arc<AtomicUsize>,
+/// What the outboxes of a connection and its task share. A `VecDeque` under a lock rather than
+/// a channel: tokio's channels allocate a first block of 32 entries (1.5 KiB) whether or not a
+/// connection ever receives anything, the deque only what is queued (docs/benchmarks.md).
+struct Shared {
+    entries: Mutex<Entries>,
+    /// Wakes the connection's task when an entry is queued or the last outbox is dropped.
+    ready: Notify,
+    close: watch::Sender<Option<Closing>>,
+    capacity: usize,
     max_bytes: usize,
+}
+
+struct Entries {
+    queue: VecDeque<Outgoing>,
+    /// Bytes of text in `queue`.
+    bytes: usize,
+    /// Live [`Outbox`] clones; at 0 the queue ends once drained.
+    outboxes: usize,
+    /// The [`Queue`] was dropped: nothing will be written any more.
+    abandoned: bool,
+}
+
+impl Shared {
+    /// The entries; a panic while they were held cannot leave them inconsistent (every update
+    /// is a single push or pop with its byte count), so a poisoned lock is taken as is.
+    fn entries(&self) -> MutexGuard<'_, Entries> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The bounded queue of frames towards one client. Cheap to clone.
+pub struct Outbox {
+    shared: Arc<Shared>,
+}
+
+impl Clone for Outbox {
+    fn clone(&self) -> Self {
+        self.shared.entries().outboxes += 1;
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        let last = {
+            let mut entries = self.shared.entries();
+            entries.outboxes -= 1;
+            entries.outboxes == 0
+        };
+        if last {
+            self.shared.ready.notify_one();
+        }
+    }
 }
 
 impl std::fmt::Debug for Outbox {
@@ -124,23 +172,24 @@ impl Outbox {
 
     fn queue(&self, outgoing: Outgoing) -> bool {
         let bytes = outgoing.bytes();
-        let before = self.queued.fetch_add(bytes, Ordering::Relaxed);
-        let over = before > 0 && before.saturating_add(bytes) > self.max_bytes;
-        let result = if over {
-            Err(mpsc::error::TrySendError::Full(outgoing))
-        } else {
-            self.tx.try_send(outgoing)
-        };
-        match result {
-            Ok(()) => true,
-            Err(refused) => {
-                self.queued.fetch_sub(bytes, Ordering::Relaxed);
-                if matches!(refused, mpsc::error::TrySendError::Full(_)) {
-                    self.close(Closing::TooSlow);
-                }
-                false
+        let shared = &*self.shared;
+        {
+            let mut entries = shared.entries();
+            if entries.abandoned {
+                return false;
+            }
+            let full = entries.queue.len() >= shared.capacity
+                || (entries.bytes > 0 && entries.bytes.saturating_add(bytes) > shared.max_bytes);
+            if !full {
+                entries.queue.push_back(outgoing);
+                entries.bytes += bytes;
+                drop(entries);
+                shared.ready.notify_one();
+                return true;
             }
         }
+        self.close(Closing::TooSlow);
+        false
     }
 
     /// Queues a JSON text frame.
@@ -150,7 +199,7 @@ impl Outbox {
 
     /// Closes the connection with `why` (the first reason given wins).
     pub fn close(&self, why: Closing) {
-        self.close.send_if_modified(|current| {
+        self.shared.close.send_if_modified(|current| {
             if current.is_none() {
                 *current = Some(why);
                 true
@@ -162,55 +211,105 @@ impl Outbox {
 
     /// Whether the connection is closing.
     pub fn is_closing(&self) -> bool {
-        self.close.borrow().is_some()
+        self.shared.close.borrow().is_some()
     }
 }
 
 /// The writer's end of an outbox: takes entries off the queue and frees their bytes.
-#[derive(Debug)]
 pub struct Queue {
-    rx: mpsc::Receiver<Outgoing>,
-    queued: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Queue")
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        let mut entries = self.shared.entries();
+        entries.abandoned = true;
+        entries.queue = VecDeque::new();
+        entries.bytes = 0;
+    }
+}
+
+/// What [`Queue::take`] found.
+enum Taken {
+    Entry(Outgoing),
+    Empty,
+    Ended,
 }
 
 impl Queue {
-    /// The next entry; `None` once every outbox is gone.
+    /// The next entry; `None` once every outbox is gone and the queue is drained.
     pub async fn recv(&mut self) -> Option<Outgoing> {
-        let next = self.rx.recv().await;
-        self.taken(next)
+        loop {
+            match self.take() {
+                Taken::Entry(next) => return Some(next),
+                Taken::Ended => return None,
+                // One consumer: a push between `take` and here leaves a permit, so the wake-up
+                // is not lost.
+                Taken::Empty => self.shared.ready.notified().await,
+            }
+        }
     }
 
     /// The next entry if one is queued.
     pub fn try_recv(&mut self) -> Option<Outgoing> {
-        let next = self.rx.try_recv().ok();
-        self.taken(next)
+        match self.take() {
+            Taken::Entry(next) => Some(next),
+            Taken::Empty | Taken::Ended => None,
+        }
     }
 
-    fn taken(&self, next: Option<Outgoing>) -> Option<Outgoing> {
-        if let Some(outgoing) = &next {
-            self.queued.fetch_sub(outgoing.bytes(), Ordering::Relaxed);
+    fn take(&self) -> Taken {
+        let mut entries = self.shared.entries();
+        match entries.queue.pop_front() {
+            Some(next) => {
+                entries.bytes -= next.bytes();
+                if entries.queue.is_empty() && entries.queue.capacity() > 4 {
+                    // A burst is over: an idle connection keeps no large buffer.
+                    entries.queue = VecDeque::new();
+                }
+                Taken::Entry(next)
+            }
+            None if entries.outboxes == 0 => Taken::Ended,
+            None => Taken::Empty,
         }
-        next
+    }
+
+    /// Bytes of text queued.
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.entries().bytes
     }
 }
 
 /// Creates an outbox holding up to `capacity` entries and `max_bytes` bytes (one entry always
-/// fits in an empty queue), and the ends the writer task needs.
+/// fits in an empty queue), and the ends the connection's task needs.
 pub fn outbox(
     capacity: usize,
     max_bytes: usize,
 ) -> (Outbox, Queue, watch::Receiver<Option<Closing>>) {
-    let (tx, rx) = mpsc::channel(capacity);
-    let (close_tx, close_rx) = watch::channel(None);
-    let queued = Arc::new(AtomicUsize::new(0));
+    let (close, close_rx) = watch::channel(None);
+    let shared = Arc::new(Shared {
+        entries: Mutex::new(Entries {
+            queue: VecDeque::new(),
+            bytes: 0,
+            outboxes: 1,
+            abandoned: false,
+        }),
+        ready: Notify::new(),
+        close,
+        capacity,
+        max_bytes,
+    });
     (
         Outbox {
-            tx,
-            close: Arc::new(close_tx),
-            queued: queued.clone(),
-            max_bytes,
+            shared: shared.clone(),
         },
-        Queue { rx, queued },
+        Queue { shared },
         close_rx,
     )
 }
@@ -256,7 +355,7 @@ mod tests {
         assert!(!outbox.push_text("c".into()), "one byte past the bound");
         assert_eq!(*close.borrow(), Some(Closing::TooSlow));
         assert_eq!(
-            queue.queued.load(Ordering::Relaxed),
+            queue.queued_bytes(),
             100,
             "the refused frame is not counted"
         );
