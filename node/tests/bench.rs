@@ -41,18 +41,7 @@ fn run(args: &[&str]) -> (Option<i32>, String, String) {
     };
     let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
     let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("chat-bench {args:?} did not finish in {RUN_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = common::wait_for_exit(&mut child, RUN_TIMEOUT, &format!("chat-bench {args:?}"));
     (
         status.code(),
         stdout.join().unwrap(),

@@ -318,6 +318,23 @@ impl Drop for NodeProcess {
     }
 }
 
+/// Waits until `child` exits by itself; kills it and panics, naming it `what`, if it is still
+/// running after `timeout`.
+pub fn wait_for_exit(child: &mut Child, timeout: Duration, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit by itself within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Runs the binary with `args` and `env` until it exits by itself; its exit code and stderr.
 /// Panics (after killing it) if it is still running after [`TIMEOUT`].
 pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
@@ -337,18 +354,7 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String)
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn chat-node");
-    let deadline = Instant::now() + TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("chat-node {args:?} did not exit by itself");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_for_exit(&mut child, TIMEOUT, &format!("chat-node {args:?}"));
     let mut stderr = String::new();
     if let Some(mut pipe) = child.stderr.take() {
         let _ = pipe.read_to_string(&mut stderr);
