@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chat_protocol::client::{ErrorFrame, MessageView, Ref, ServerFrame};
-use chat_protocol::peer::{Entry, Reply, SessionId, ToHub};
+use chat_protocol::peer::{CATCH_UP_BYTES, Entry, Reply, SessionId, ToHub};
 use chat_protocol::{RoomId, UserName};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorMessage;
@@ -35,6 +35,12 @@ use core::{Delivery, HubCore, HubEffect};
 
 /// How often pending requests are checked against their deadline.
 const TICK: Duration = Duration::from_millis(250);
+/// How often a room this node is far behind checks whether its connections took in the last
+/// part of the catch-up.
+const CATCH_UP_POLL: Duration = Duration::from_millis(10);
+/// The longest a catch-up waits for a connection that does not read: past it the next part
+/// goes anyway, and a connection whose queue it overflows is cut off as too slow.
+const CATCH_UP_PATIENCE: Duration = Duration::from_secs(5);
 
 /// The Hub actor.
 #[derive(Debug)]
@@ -89,6 +95,8 @@ pub enum HubMessage {
     CloseAll(Closing),
     /// Expires pending requests.
     Tick,
+    /// Checks the rooms whose catch-up waits for its connections' queues.
+    CatchUpDue,
 }
 
 /// The hub's state.
@@ -96,6 +104,12 @@ pub struct HubState {
     core: HubCore,
     net: Net,
     outboxes: HashMap<SessionId, Outbox>,
+    /// Rooms this node is far behind, waiting since when for their connections' queues to
+    /// have room for the next part of the catch-up.
+    behind: HashMap<RoomId, Instant>,
+    /// A [`HubMessage::CatchUpDue`] is on its way.
+    catch_up_polling: bool,
+    myself: ActorRef<HubMessage>,
     _tasks: Tasks,
 }
 
@@ -131,6 +145,9 @@ impl Actor for Hub {
             core,
             net: args.net,
             outboxes: HashMap::new(),
+            behind: HashMap::new(),
+            catch_up_polling: false,
+            myself: myself.clone(),
             _tasks: tasks,
         };
         state.carry_out();
@@ -180,6 +197,10 @@ impl Actor for Hub {
             HubMessage::ViewChanged(view) => state.core.on_view(view),
             HubMessage::CloseAll(why) => state.close_all(why),
             HubMessage::Tick => state.core.on_tick(now),
+            HubMessage::CatchUpDue => {
+                state.catch_up_polling = false;
+                state.catch_up(now);
+            }
         }
         state.carry_out();
         Ok(())
@@ -284,6 +305,11 @@ impl HubState {
                 );
                 self.push_all(&sessions, &frame);
             }
+            HubEffect::Behind { room } => {
+                let now = Instant::now();
+                self.behind.insert(room, now);
+                self.catch_up(now);
+            }
             HubEffect::Presence {
                 room,
                 user,
@@ -316,6 +342,33 @@ impl HubState {
                 );
                 self.push_all(&sessions, &frame);
             }
+        }
+    }
+
+    /// Asks for the next part of each catch-up whose connections have room for it (or that
+    /// waited past [`CATCH_UP_PATIENCE`]); checks again soon while any still waits.
+    fn catch_up(&mut self, now: Instant) {
+        let ready: Vec<RoomId> = self
+            .behind
+            .iter()
+            .filter(|(room, since)| {
+                now.duration_since(**since) >= CATCH_UP_PATIENCE
+                    || self.core.room_sessions(room).all(|session| {
+                        self.outboxes
+                            .get(&session)
+                            .is_none_or(|outbox| outbox.has_room_for(CATCH_UP_BYTES))
+                    })
+            })
+            .map(|(room, _)| room.clone())
+            .collect();
+        for room in ready {
+            self.behind.remove(&room);
+            self.core.continue_catch_up(&room);
+        }
+        if !self.behind.is_empty() && !self.catch_up_polling {
+            self.catch_up_polling = true;
+            self.myself
+                .send_after(CATCH_UP_POLL, || HubMessage::CatchUpDue);
         }
     }
 

@@ -1501,7 +1501,7 @@ async fn retried_sends_with_the_same_id_are_stored_once_across_a_failover() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_member_far_behind_after_a_freeze_receives_every_message_in_order() {
-    const BIG: u64 = 1_100; // 1,100 messages of 4 KiB: more than one re-send holds (4 MiB)
+    const BIG: u64 = 3_000; // 3,000 messages of 4 KiB: 12 parts of a re-send, 3 client queues
     let mut cluster = Cluster::plan(235, 3);
     for i in 1..=3 {
         cluster.set_args(i, vec!["--rate-limit".into(), "0".into()]);
@@ -1513,7 +1513,8 @@ async fn a_member_far_behind_after_a_freeze_receives_every_message_in_order() {
     let room = cluster.room_owned_by(1, "n1", "behind").await;
     let mut alice = Client::connect(cluster.http(1), "alice").await;
     alice.join(&room, None).await;
-    let mut bob = Client::connect(cluster.http(2), "bob").await;
+    // A small receive buffer: what bob does not read stays at n2, not in the kernel.
+    let mut bob = Client::connect_with_receive_buffer(cluster.http(2), "bob", 64 << 10).await;
     bob.join(&room, None).await;
     assert_eq!(alice.say(&room, "before").await, 1);
     bob.messages_until(&room, 1).await;
@@ -1532,9 +1533,17 @@ async fn a_member_far_behind_after_a_freeze_receives_every_message_in_order() {
     let last = *seqs.last().expect("acked");
     assert_eq!(last, BIG + 1);
 
-    // Thawed, n2 catches up: bob receives every message after the one he had, in order.
+    // Thawed, n2 catches up: bob receives every message after the one he had, in order, and
+    // at his pace: he reads nothing for a while, and the catch-up waits for him instead of
+    // overflowing his queue (which would cut him off as too slow).
     cluster.node(2).signal("CONT");
     let thawed = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while common::cluster::up_members(cluster.http(2)).await.as_ref() != Some(&all) {
+        assert!(Instant::now() < deadline, "n2 never saw the cluster again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let received = tokio::time::timeout(Duration::from_secs(60), bob.messages_until(&room, last))
         .await
         .expect("bob never received the last message");
@@ -1545,7 +1554,7 @@ async fn a_member_far_behind_after_a_freeze_receives_every_message_in_order() {
         .collect();
     assert_eq!(got, (2..=last).collect::<Vec<_>>(), "a gap or a repeat");
     println!(
-        "a member {BIG} messages (4.4 MiB) behind caught up {:?} after the thaw",
+        "a member {BIG} messages (12 MiB) behind caught up {:?} after the thaw",
         thawed.elapsed()
     );
 }

@@ -587,8 +587,9 @@ pub enum ToHub {
         horizon: u64,
     },
     /// Follows the fan-outs that answered a [`ToRoom::Subscribe`] when they could not hold
-    /// everything after the cursor (a node far behind): subscribe again, with the cursor they
-    /// moved, for the next part. (Added last.)
+    /// everything after the cursor (a node far behind; a part is about [`CATCH_UP_BYTES`]):
+    /// subscribe again, with the cursor they moved, for the next part, once the connections
+    /// have room for it. (Added last.)
     Behind {
         /// The room.
         room: RoomId,
@@ -610,6 +611,10 @@ impl ToHub {
         }
     }
 }
+
+/// Rendered bytes of one part of a re-send to a node far behind, about: well below a
+/// connection's byte bound, so a part fits beside what a reading client still has queued.
+pub const CATCH_UP_BYTES: usize = 1 << 20;
 
 /// Messages for the directory of a user's home node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

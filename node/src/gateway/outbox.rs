@@ -209,6 +209,18 @@ impl Outbox {
         });
     }
 
+    /// Whether `bytes` more would fit in the queue now; true for a connection that is closing,
+    /// as nothing more is waited for there.
+    pub fn has_room_for(&self, bytes: usize) -> bool {
+        if self.is_closing() {
+            return true;
+        }
+        let entries = self.shared.entries();
+        entries.abandoned
+            || entries.bytes == 0
+            || entries.bytes.saturating_add(bytes) <= self.shared.max_bytes
+    }
+
     /// Whether the connection is closing.
     pub fn is_closing(&self) -> bool {
         self.shared.close.borrow().is_some()

@@ -119,6 +119,13 @@ pub enum HubEffect {
         /// The connections to deliver to.
         sessions: Vec<SessionId>,
     },
+    /// The owner has more of a room after the part it re-sent (this node is far behind): call
+    /// [`HubCore::continue_catch_up`] once the room's connections have room in their queues for
+    /// another part, so that a catch-up goes at the pace its readers take it.
+    Behind {
+        /// The room.
+        room: RoomId,
+    },
 }
 
 /// A room's fresh messages and who receives which: every session gets the entries with a seq
@@ -256,6 +263,20 @@ impl HubCore {
     /// The sessions connected here.
     pub fn sessions(&self) -> impl Iterator<Item = SessionId> + '_ {
         self.sessions.keys().copied()
+    }
+
+    /// The connections following `room` here, joined or joining.
+    pub fn room_sessions(&self, room: &RoomId) -> impl Iterator<Item = SessionId> + '_ {
+        self.rooms
+            .get(room)
+            .into_iter()
+            .flat_map(|lr| lr.active.keys().chain(lr.joining.iter()).copied())
+    }
+
+    /// Asks the owner of a room this node is far behind for the next part of its re-send
+    /// ([`HubEffect::Behind`]).
+    pub fn continue_catch_up(&mut self, room: &RoomId) {
+        self.subscribe(room);
     }
 
     /// A connection opened.
@@ -509,8 +530,14 @@ impl HubCore {
             }
             ToHub::Horizon { room, horizon } => self.on_horizon(&room, horizon),
             // The owner's re-send stopped short: the fan-outs before this moved the cursor
-            // (contiguously), so asking again fetches the next part.
-            ToHub::Behind { room } => self.subscribe(&room),
+            // (contiguously), so asking again fetches the next part, once the connections have
+            // taken in this one. Live fan-outs meanwhile are past a gap: they wait.
+            ToHub::Behind { room } => {
+                if let Some(lr) = self.rooms.get_mut(&room) {
+                    lr.resyncing = true;
+                    self.effects.push(HubEffect::Behind { room });
+                }
+            }
         }
         None
     }
@@ -1263,6 +1290,15 @@ mod tests {
         // The owner's answer holds only the oldest part, then says there is more.
         assert_eq!(fanout(&mut hub, &[9, 10, 11], now), vec![9, 10, 11]);
         hub.on_peer(ToHub::Behind { room: room() }, now);
+        let effects = hub.take_effects();
+        assert!(
+            matches!(effects.as_slice(), [HubEffect::Behind { room: r }] if *r == room()),
+            "{effects:?}"
+        );
+        // Live messages past the gap wait while the connections take in the part.
+        assert_eq!(fanout(&mut hub, &[500], now), Vec::<u64>::new());
+        assert!(subscriptions(&hub.take_effects()).is_empty());
+        hub.continue_catch_up(&room());
         assert_eq!(subscriptions(&hub.take_effects()), vec![(owner, 11)]);
         // Live messages past the gap wait; the next part goes on contiguously.
         assert_eq!(fanout(&mut hub, &[501], now), Vec::<u64>::new());

@@ -37,8 +37,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chat_protocol::peer::{
-    AppendOutcome, Entry, Epoch, Horizon, LogState, Origin, Placement, Reply, RoomOp, SessionId,
-    ToHub, ToKeeper, ToRoom,
+    AppendOutcome, CATCH_UP_BYTES, Entry, Epoch, Horizon, LogState, Origin, Placement, Reply,
+    RoomOp, SessionId, ToHub, ToKeeper, ToRoom,
 };
 use chat_protocol::{ErrorCode, NodeName, PresenceEvent, RoomId, UserName};
 
@@ -57,8 +57,6 @@ const QUEUE_MAX: usize = 4096;
 const CHUNK_ENTRIES: usize = 512;
 /// Text bytes per replay, catch-up or append chunk, about.
 const CHUNK_BYTES: usize = 1 << 20;
-/// Rendered bytes of a catch-up sent to a node's hub after a move, about (one message).
-const REPLAY_BYTES: usize = 4 << 20;
 /// Rendered bytes of a `join` replay or a `history` reply, about: what one reply may add to a
 /// client's queue, well below `client-queue-bytes`.
 const PAGE_BYTES: usize = 1 << 20;
@@ -1476,7 +1474,7 @@ impl RoomCore {
         // Oldest first, from just after the cursor: the node's stream must stay contiguous.
         // What one re-send cannot hold follows when the node asks again (`Behind`).
         let from = (cursor + 1).max(self.horizon);
-        let entries = self.range(from, self.commit, REPLAY_BYTES);
+        let entries = self.range(from, self.commit, CATCH_UP_BYTES);
         let behind = entries.last().is_some_and(|e| e.seq < self.commit);
         for chunk in chunks(entries) {
             self.effects.push(Effect::Hub(
@@ -2503,8 +2501,8 @@ mod tests {
         let mut cluster = Cluster::new();
         let mut core = cluster.core("a", &["a", "b", "c"], None);
         cluster.settle(&mut core);
-        // Six messages of 1 MiB: more than one re-send holds (REPLAY_BYTES).
-        let big = "x".repeat(1 << 20);
+        // Six messages of 256 KiB: more than one re-send holds (CATCH_UP_BYTES).
+        let big = "x".repeat(CATCH_UP_BYTES / 4);
         for i in 1..=6 {
             cluster.send(&mut core, i, &big, &format!("id{i}"));
         }

@@ -588,9 +588,28 @@ impl Client {
             .expect("connect")
     }
 
+    /// Connects as `user` over a socket whose kernel receive buffer is `bytes` (no autotuning),
+    /// so a client that does not read soon leaves what it was sent queued at the node.
+    pub async fn connect_with_receive_buffer(addr: SocketAddr, user: &str, bytes: u32) -> Client {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        let stream = socket.connect(addr).await.expect("connect");
+        let url = format!("ws://{addr}/ws?user={user}");
+        let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+        let (ws, _) = tokio_tungstenite::client_async(url, stream)
+            .await
+            .expect("upgrade");
+        Client::welcomed(ws).await
+    }
+
     /// Connects to `url` and reads the welcome frame; the HTTP error if the upgrade fails.
     pub async fn connect_url(url: &str) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
         let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        Ok(Client::welcomed(ws).await)
+    }
+
+    /// A client on `ws`, once it read the welcome frame.
+    async fn welcomed(ws: Ws) -> Client {
         let mut client = Client {
             ws,
             backlog: Default::default(),
@@ -599,7 +618,7 @@ impl Client {
         };
         client.welcome = client.recv().await;
         assert_eq!(client.welcome["type"], "welcome", "first frame");
-        Ok(client)
+        client
     }
 
     /// Opens a WebSocket to `url` offering `subprotocols` (`Sec-WebSocket-Protocol`), without

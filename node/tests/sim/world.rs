@@ -1641,6 +1641,12 @@ impl World {
                             }
                         }
                     }
+                    // Simulated clients take in what they are sent at once.
+                    HubEffect::Behind { room } => {
+                        if let Some(life) = self.nodes[node].life.as_mut() {
+                            life.hub.continue_catch_up(&room);
+                        }
+                    }
                     HubEffect::Presence { .. } | HubEffect::Direct { .. } => {}
                 }
             }
