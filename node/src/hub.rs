@@ -28,7 +28,7 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use crate::actors::{Tasks, forward};
 use crate::cluster::Views;
 use crate::cluster::view::View;
-use crate::gateway::outbox::{Closing, Outbox};
+use crate::gateway::outbox::{Closing, Deferred, Outbox};
 use crate::net::Net;
 pub use core::HubRequest;
 use core::{Delivery, HubCore, HubEffect};
@@ -396,22 +396,26 @@ impl HubState {
         let (reply, horizon) = reply.split_horizon();
         let frame = match reply {
             Reply::Joined { room, seq, replay } => {
-                let frame = ServerFrame::Joined {
-                    reference,
-                    room: room.as_str(),
-                    seq,
-                    horizon,
-                }
-                .to_json();
-                // The reply and its replay take one slot of the client's queue.
-                let mut frames = Vec::with_capacity(replay.len() + 1);
-                frames.push(Utf8Bytes::from(frame));
-                frames.extend(
-                    replay
-                        .iter()
-                        .map(|entry| Utf8Bytes::from(message_view(&room, entry).to_json())),
-                );
-                outbox.push_batch(frames);
+                // The reply and its replay take one slot of the client's queue, rendered by
+                // the connection's task.
+                let reference = reference.map(ToOwned::to_owned);
+                outbox.push_deferred(Deferred::new(held_bytes(&replay), move || {
+                    let frame = ServerFrame::Joined {
+                        reference: reference.as_deref(),
+                        room: room.as_str(),
+                        seq,
+                        horizon,
+                    }
+                    .to_json();
+                    let mut frames = Vec::with_capacity(replay.len() + 1);
+                    frames.push(Utf8Bytes::from(frame));
+                    frames.extend(
+                        replay
+                            .iter()
+                            .map(|entry| Utf8Bytes::from(message_view(&room, entry).to_json())),
+                    );
+                    frames
+                }));
                 return;
             }
             Reply::Left { room } => ServerFrame::Left {
@@ -426,15 +430,21 @@ impl HubState {
             }
             .to_json(),
             Reply::History { room, messages } => {
-                let views: Vec<MessageView<'_>> =
-                    messages.iter().map(|e| message_view(&room, e)).collect();
-                ServerFrame::History {
-                    reference,
-                    room: room.as_str(),
-                    messages: &views,
-                    horizon,
-                }
-                .to_json()
+                // A page may be a megabyte of JSON: the connection's task renders it.
+                let reference = reference.map(ToOwned::to_owned);
+                outbox.push_deferred(Deferred::new(held_bytes(&messages), move || {
+                    let views: Vec<MessageView<'_>> =
+                        messages.iter().map(|e| message_view(&room, e)).collect();
+                    let frame = ServerFrame::History {
+                        reference: reference.as_deref(),
+                        room: room.as_str(),
+                        messages: &views,
+                        horizon,
+                    }
+                    .to_json();
+                    vec![Utf8Bytes::from(frame)]
+                }));
+                return;
             }
             // Split into the plain replies and their horizon above.
             Reply::JoinedBelowHorizon { .. } | Reply::HistoryBelowHorizon { .. } => return,
@@ -471,6 +481,14 @@ impl HubState {
             outbox.close(why);
         }
     }
+}
+
+/// The bytes entries hold, about: what queuing them unrendered costs.
+fn held_bytes(entries: &[Entry]) -> usize {
+    entries
+        .iter()
+        .map(|e| e.text.len() + e.from.as_str().len() + 64)
+        .sum()
 }
 
 fn message_view<'a>(room: &'a RoomId, entry: &'a Entry) -> MessageView<'a> {

@@ -80,14 +80,46 @@ pub enum Outgoing {
     Frame(Utf8Bytes),
     /// Several frames, in order.
     Batch(Vec<Utf8Bytes>),
+    /// Frames rendered by the connection's own task when it comes to write them: a long reply
+    /// (a page of history, a join's replay) costs the one connection that asked for it, and
+    /// never holds up whoever queued it (the hub, which serves every connection).
+    Deferred(Deferred),
+}
+
+/// Frames not rendered yet, with the bytes the data they are rendered from holds.
+pub struct Deferred {
+    bytes: usize,
+    render: Box<dyn FnOnce() -> Vec<Utf8Bytes> + Send>,
+}
+
+impl Deferred {
+    /// Frames `render` will make from data of about `bytes` bytes.
+    pub fn new(bytes: usize, render: impl FnOnce() -> Vec<Utf8Bytes> + Send + 'static) -> Self {
+        Self {
+            bytes,
+            render: Box::new(render),
+        }
+    }
+
+    /// The frames, in order.
+    pub fn render(self) -> Vec<Utf8Bytes> {
+        (self.render)()
+    }
+}
+
+impl std::fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Deferred({} bytes)", self.bytes)
+    }
 }
 
 impl Outgoing {
-    /// The bytes of text it holds.
+    /// The bytes of text it holds (for a deferred entry, of the data it is rendered from).
     fn bytes(&self) -> usize {
         match self {
             Outgoing::Frame(frame) => frame.len(),
             Outgoing::Batch(frames) => frames.iter().map(|frame| frame.len()).sum(),
+            Outgoing::Deferred(deferred) => deferred.bytes,
         }
     }
 }
@@ -190,6 +222,11 @@ impl Outbox {
         }
         self.close(Closing::TooSlow);
         false
+    }
+
+    /// Queues frames that the connection's task renders when it writes them, in one slot.
+    pub fn push_deferred(&self, deferred: Deferred) -> bool {
+        self.queue(Outgoing::Deferred(deferred))
     }
 
     /// Queues a JSON text frame.
@@ -329,6 +366,32 @@ pub fn outbox(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deferred_entry_counts_its_bytes_and_is_rendered_by_whoever_takes_it() {
+        let (outbox, mut queue, _close) = outbox(8, 100);
+        let rendered = Arc::new(Mutex::new(0));
+        let count = rendered.clone();
+        let deferred = Deferred::new(60, move || {
+            *count.lock().unwrap() += 1;
+            vec![Utf8Bytes::from("one"), Utf8Bytes::from("two")]
+        });
+        assert!(outbox.push_deferred(deferred));
+        assert_eq!(queue.queued_bytes(), 60);
+        assert_eq!(
+            *rendered.lock().unwrap(),
+            0,
+            "not rendered by the one who queued it"
+        );
+        assert!(!outbox.has_room_for(50));
+        assert!(outbox.has_room_for(40));
+        let Some(Outgoing::Deferred(taken)) = queue.try_recv() else {
+            panic!("the deferred entry");
+        };
+        assert_eq!(queue.queued_bytes(), 0);
+        assert_eq!(taken.render(), vec!["one", "two"]);
+        assert_eq!(*rendered.lock().unwrap(), 1);
+    }
 
     #[test]
     fn a_full_outbox_closes_with_1013_and_the_first_reason_wins() {

@@ -24,7 +24,7 @@ use ractor::ActorRef;
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use crate::gateway::outbox::{Closing, Outbox, Outgoing, Queue};
 use crate::gateway::session::SessionMessage;
@@ -105,14 +105,17 @@ impl Watchdog {
 async fn feed(socket: &mut Socket, outgoing: Outgoing) -> Result<u64, WsError> {
     match outgoing {
         Outgoing::Frame(frame) => socket.feed(Message::Text(frame)).await.map(|()| 1),
-        Outgoing::Batch(frames) => {
-            let n = frames.len() as u64;
-            for frame in frames {
-                socket.feed(Message::Text(frame)).await?;
-            }
-            Ok(n)
-        }
+        Outgoing::Batch(frames) => feed_all(socket, frames).await,
+        Outgoing::Deferred(deferred) => feed_all(socket, deferred.render()).await,
     }
+}
+
+async fn feed_all(socket: &mut Socket, frames: Vec<Utf8Bytes>) -> Result<u64, WsError> {
+    let n = frames.len() as u64;
+    for frame in frames {
+        socket.feed(Message::Text(frame)).await?;
+    }
+    Ok(n)
 }
 
 /// What woke the connection's task up to write.

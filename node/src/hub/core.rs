@@ -5,8 +5,9 @@
 //! No I/O, no clock, no actor: events come in as method calls with the time; what to send to
 //! other nodes and what to tell connections comes out as [`HubEffect`]s, and the hot path, a
 //! room's fan-out, returns a [`Delivery`] naming the fresh entries and who gets which. The Hub
-//! actor (`hub.rs`) renders frames and owns the connections' outboxes; the cluster simulation
-//! drives the same core.
+//! actor (`hub.rs`) renders frames (long replies, a page of history or a join's replay, are
+//! rendered by the asking connection's own task) and owns the connections' outboxes; the
+//! cluster simulation drives the same core.
 //!
 //! Following a room: per room, the hub keeps a **cursor**, the last seq delivered here. Fan-out
 //! entries at or below it are duplicates and dropped; an entry past `cursor + 1` is a gap (a
