@@ -1616,13 +1616,19 @@ impl RoomCore {
     /// at least one).
     fn newest(&self, from: u64, to: u64, max_bytes: usize) -> Vec<Entry> {
         let mut entries = self.range(from, to, usize::MAX);
-        let mut bytes: usize = entries.iter().map(rendered_len).sum();
-        let mut drop = 0;
-        while bytes > max_bytes && drop + 1 < entries.len() {
-            bytes -= rendered_len(&entries[drop]);
-            drop += 1;
+        // Measured from the newest, and only as far as the page goes: a rendered length scans
+        // the whole text.
+        let mut bytes = 0;
+        let mut keep = 0;
+        for entry in entries.iter().rev() {
+            let len = rendered_len(entry);
+            if keep > 0 && bytes + len > max_bytes {
+                break;
+            }
+            bytes += len;
+            keep += 1;
         }
-        entries.drain(..drop);
+        entries.drain(..entries.len() - keep);
         entries
     }
 
