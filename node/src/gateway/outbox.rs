@@ -152,6 +152,11 @@ impl Shared {
     fn entries(&self) -> MutexGuard<'_, Entries> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// Whether `bytes` more fit beside what `entries` holds: anything fits in an empty queue.
+    fn fits(&self, entries: &Entries, bytes: usize) -> bool {
+        entries.bytes == 0 || entries.bytes.saturating_add(bytes) <= self.max_bytes
+    }
 }
 
 /// The bounded queue of frames towards one client. Cheap to clone.
@@ -210,8 +215,7 @@ impl Outbox {
             if entries.abandoned {
                 return false;
             }
-            let full = entries.queue.len() >= shared.capacity
-                || (entries.bytes > 0 && entries.bytes.saturating_add(bytes) > shared.max_bytes);
+            let full = entries.queue.len() >= shared.capacity || !shared.fits(&entries, bytes);
             if !full {
                 entries.queue.push_back(outgoing);
                 entries.bytes += bytes;
@@ -253,9 +257,7 @@ impl Outbox {
             return true;
         }
         let entries = self.shared.entries();
-        entries.abandoned
-            || entries.bytes == 0
-            || entries.bytes.saturating_add(bytes) <= self.shared.max_bytes
+        entries.abandoned || self.shared.fits(&entries, bytes)
     }
 
     /// Whether the connection is closing.
